@@ -1,0 +1,307 @@
+// CPU kernels of the gather + merge family and the fused compress (top-k + gather + merge).
+//
+// Work split: phase 1 runs per image (validate idx, mark referenced rows, count dropped rows, or
+// select the top-k for compress); phase 2 runs per (image, slice of D) so that even B = 1 keeps
+// every core busy. In phase 2 each input row slice is read once: referenced rows are copied to
+// their output slots, the others are accumulated in an fp32 slice that stays in L1.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#include "cpu_kernels.h"
+#include "epic/checks.h"
+#include "epic/ops.h"
+
+namespace epic {
+
+namespace {
+
+constexpr int64_t kSlice = 512;  // fp32 accumulator slice: 2 KiB, lives in L1
+
+using acc_t = float;
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+// Fresh CPU outputs of several MiB are page-faulted 4 KiB at a time on first write, which costs
+// as much as the kernel itself; ask for transparent huge pages while the pages are untouched.
+void advise_huge_pages(const at::Tensor& t) {
+#ifdef __linux__
+  const size_t bytes = t.numel() * t.element_size();
+  if (bytes < (size_t(8) << 20)) return;
+  const uintptr_t huge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(huge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+// Per-image bookkeeping produced by phase 1.
+struct Plan {
+  int64_t B, N, K;
+  std::vector<int64_t> valid;       // number of valid idx entries per image
+  std::vector<int64_t> first_slot;  // [B*N]: first j with idx[b,j] == n, else -1
+  std::vector<int64_t> n_dropped;   // rows referenced by no valid idx
+};
+
+// Phase 1 for a user-given idx: validate and mark referenced rows.
+Plan plan_from_idx(const at::Tensor& idx, const std::optional<at::Tensor>& counts, int64_t N) {
+  Plan p{idx.size(0), N, idx.size(1), {}, {}, {}};
+  p.valid.assign(p.B, p.K);
+  p.first_slot.assign(p.B * N, -1);
+  p.n_dropped.assign(p.B, N);
+  const at::Tensor ic = idx.contiguous();
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  if (counts.has_value()) {
+    const at::Tensor cc = counts->contiguous();
+    const int64_t* cp = cc.data_ptr<int64_t>();
+    for (int64_t b = 0; b < p.B; ++b) {
+      TORCH_CHECK_VALUE(cp[b] >= 0 && cp[b] <= p.K, "counts[", b, "] = ", cp[b],
+                        " is outside [0, K] = [0, ", p.K, "]");
+      p.valid[b] = cp[b];
+    }
+  }
+  at::parallel_for(0, p.B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t* fs = p.first_slot.data() + b * N;
+      int64_t distinct = 0;
+      for (int64_t j = 0; j < p.valid[b]; ++j) {
+        const int64_t n = ip[b * p.K + j];
+        TORCH_CHECK_VALUE(n >= 0 && n < N, "idx[", b, ", ", j, "] = ", n,
+                          " is out of range for N = ", N);
+        if (fs[n] < 0) {
+          fs[n] = j;
+          ++distinct;
+        }
+      }
+      p.n_dropped[b] = N - distinct;
+    }
+  });
+  return p;
+}
+
+template <typename T>
+inline void accumulate(acc_t* acc, const T* x, int64_t len) {
+  for (int64_t d = 0; d < len; ++d) acc[d] += static_cast<acc_t>(x[d]);
+}
+template <typename T>
+inline void accumulate_scaled(acc_t* acc, const T* x, acc_t w, int64_t len) {
+  for (int64_t d = 0; d < len; ++d) acc[d] += w * static_cast<acc_t>(x[d]);
+}
+inline void accumulate(double* acc, const double* x, int64_t len) {
+  for (int64_t d = 0; d < len; ++d) acc[d] += x[d];
+}
+inline void accumulate_scaled(double* acc, const double* x, double w, int64_t len) {
+  for (int64_t d = 0; d < len; ++d) acc[d] += w * x[d];
+}
+
+// Phase 2 of the forward: out[b, :valid] = kept rows, out[b, valid] = merge, rest zero.
+template <typename T>
+void gather_merge_rows(const Plan& p, const int64_t* idx, const T* x, int64_t xsb, int64_t xsn,
+                       const float* w, int64_t D, int64_t merge, T* out) {
+  using opmath = typename Acc<T>::type;
+  const int64_t rows_out = p.K + (merge != kMergeNone);
+  const int64_t n_slices = (D + kSlice - 1) / kSlice;
+  at::parallel_for(0, p.B * n_slices, 1, [&](int64_t t0, int64_t t1) {
+    opmath acc[kSlice];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / n_slices;
+      const int64_t d0 = (t % n_slices) * kSlice;
+      const int64_t len = std::min(kSlice, D - d0);
+      const T* xb = x + b * xsb + d0;
+      T* ob = out + b * rows_out * D + d0;
+      const int64_t valid = p.valid[b];
+      for (int64_t j = 0; j < valid; ++j)
+        std::memcpy(ob + j * D, xb + idx[b * p.K + j] * xsn, len * sizeof(T));
+      int64_t next = valid;
+      if (merge != kMergeNone) {
+        std::fill(acc, acc + len, opmath(0));
+        const int64_t* fs = p.first_slot.data() + b * p.N;
+        for (int64_t n = 0; n < p.N; ++n) {
+          if (fs[n] >= 0) continue;
+          if (merge == kMergeMean)
+            accumulate(acc, xb + n * xsn, len);
+          else
+            accumulate_scaled(acc, xb + n * xsn, static_cast<opmath>(w[b * p.N + n]), len);
+        }
+        T* m = ob + valid * D;
+        if (merge == kMergeMean && p.n_dropped[b] > 0) {
+          const opmath cnt = static_cast<opmath>(p.n_dropped[b]);
+          for (int64_t d = 0; d < len; ++d) m[d] = static_cast<T>(acc[d] / cnt);
+        } else {
+          for (int64_t d = 0; d < len; ++d) m[d] = static_cast<T>(acc[d]);
+        }
+        ++next;
+      }
+      for (int64_t j = next; j < rows_out; ++j) std::memset(ob + j * D, 0, len * sizeof(T));
+    }
+  });
+}
+
+// Phase 2 of the backward: every input row is written exactly once (duplicates add afterwards).
+template <typename T>
+void gather_merge_backward_rows(const Plan& p, const int64_t* idx, const T* g, int64_t gsb,
+                                int64_t gsn, const float* w, int64_t D, int64_t merge, T* gx) {
+  using opmath = typename Acc<T>::type;
+  const int64_t n_slices = (D + kSlice - 1) / kSlice;
+  at::parallel_for(0, p.B * n_slices, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / n_slices;
+      const int64_t d0 = (t % n_slices) * kSlice;
+      const int64_t len = std::min(kSlice, D - d0);
+      const T* gb = g + b * gsb + d0;
+      T* xb = gx + b * p.N * D + d0;
+      const int64_t valid = p.valid[b];
+      const T* gm = gb + valid * gsn;  // grad of the merged row
+      const int64_t* fs = p.first_slot.data() + b * p.N;
+      const opmath cnt = static_cast<opmath>(std::max<int64_t>(p.n_dropped[b], 1));
+      for (int64_t n = 0; n < p.N; ++n) {
+        T* dst = xb + n * D;
+        if (fs[n] >= 0) {
+          std::memcpy(dst, gb + fs[n] * gsn, len * sizeof(T));
+        } else if (merge == kMergeMean) {
+          for (int64_t d = 0; d < len; ++d) dst[d] = static_cast<T>(static_cast<opmath>(gm[d]) / cnt);
+        } else if (merge == kMergeWeighted) {
+          const opmath wn = static_cast<opmath>(w[b * p.N + n]);
+          for (int64_t d = 0; d < len; ++d) dst[d] = static_cast<T>(wn * static_cast<opmath>(gm[d]));
+        } else {
+          std::memset(dst, 0, len * sizeof(T));
+        }
+      }
+      // Repeated indices: later occurrences add their gradient to the row.
+      for (int64_t j = 0; j < valid; ++j) {
+        const int64_t n = idx[b * p.K + j];
+        if (fs[n] == j) continue;
+        T* dst = xb + n * D;
+        const T* src = gb + j * gsn;
+        for (int64_t d = 0; d < len; ++d)
+          dst[d] = static_cast<T>(static_cast<opmath>(dst[d]) + static_cast<opmath>(src[d]));
+      }
+    }
+  });
+}
+
+// Tokens with a non-unit last stride are copied once; any batch/row strides are used as they are.
+at::Tensor unit_inner_stride(const at::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+at::Tensor float_weights(const std::optional<at::Tensor>& weights, int64_t merge) {
+  if (merge != kMergeWeighted) return at::Tensor();
+  return weights->to(at::kFloat).contiguous();
+}
+
+}  // namespace
+
+at::Tensor gather_merge_cpu(const at::Tensor& tokens_in, const at::Tensor& idx,
+                            const std::optional<at::Tensor>& counts, int64_t merge,
+                            const std::optional<at::Tensor>& weights) {
+  check_tokens(tokens_in);
+  check_idx(idx, tokens_in, counts);
+  check_merge(merge, weights, tokens_in);
+  const int64_t B = tokens_in.size(0), N = tokens_in.size(1), D = tokens_in.size(2);
+  const int64_t K = idx.size(1);
+  auto out = at::empty({B, K + (merge != kMergeNone), D}, tokens_in.options());
+  Plan p = plan_from_idx(idx, counts, N);
+  if (out.numel() == 0) return out;
+  advise_huge_pages(out);
+  const at::Tensor tokens = unit_inner_stride(tokens_in);
+  const at::Tensor ic = idx.contiguous();
+  const at::Tensor wf = float_weights(weights, merge);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "gather_merge_cpu", [&] {
+    gather_merge_rows<scalar_t>(p, ic.data_ptr<int64_t>(), tokens.data_ptr<scalar_t>(),
+                                tokens.stride(0), tokens.stride(1),
+                                wf.defined() ? wf.data_ptr<float>() : nullptr, D, merge,
+                                out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor gather_merge_backward_cpu(const at::Tensor& grad_in, const at::Tensor& idx,
+                                     const std::optional<at::Tensor>& counts, int64_t merge,
+                                     const std::optional<at::Tensor>& weights, int64_t n_tokens) {
+  TORCH_CHECK_VALUE(grad_in.dim() == 3, "grad_out must be 3-D, got ", grad_in.sizes());
+  TORCH_CHECK_VALUE(n_tokens >= 0, "n_tokens must be >= 0, got ", n_tokens);
+  const int64_t B = grad_in.size(0), D = grad_in.size(2), K = idx.size(1);
+  TORCH_CHECK_VALUE(grad_in.size(1) == K + (merge != kMergeNone), "grad_out has ",
+                    grad_in.size(1), " rows, expected ", K + (merge != kMergeNone));
+  check_idx(idx, grad_in, counts);
+  check_merge(merge, weights, B, n_tokens, grad_in.device());
+  auto gx = at::empty({B, n_tokens, D}, grad_in.options());
+  Plan p = plan_from_idx(idx, counts, n_tokens);
+  if (gx.numel() == 0) return gx;
+  advise_huge_pages(gx);
+  const at::Tensor g = unit_inner_stride(grad_in);
+  const at::Tensor ic = idx.contiguous();
+  const at::Tensor wf = float_weights(weights, merge);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gather_merge_backward_cpu", [&] {
+    gather_merge_backward_rows<scalar_t>(p, ic.data_ptr<int64_t>(), g.data_ptr<scalar_t>(),
+                                         g.stride(0), g.stride(1),
+                                         wf.defined() ? wf.data_ptr<float>() : nullptr, D, merge,
+                                         gx.data_ptr<scalar_t>());
+  });
+  return gx;
+}
+
+std::tuple<at::Tensor, at::Tensor> compress_topk_cpu(const at::Tensor& tokens_in,
+                                                     const at::Tensor& scores_in, int64_t k,
+                                                     int64_t merge,
+                                                     const std::optional<at::Tensor>& weights) {
+  check_tokens(tokens_in);
+  check_scores(scores_in);
+  const int64_t B = tokens_in.size(0), N = tokens_in.size(1), D = tokens_in.size(2);
+  TORCH_CHECK_VALUE(scores_in.size(0) == B && scores_in.size(1) == N,
+                    "scores must be [B, N] = [", B, ", ", N, "], got ", scores_in.sizes());
+  TORCH_CHECK_VALUE(scores_in.device() == tokens_in.device(), "scores must be on ",
+                    tokens_in.device(), ", got ", scores_in.device());
+  check_k(k, N);
+  check_merge(merge, weights, tokens_in);
+  auto out = at::empty({B, k + (merge != kMergeNone), D}, tokens_in.options());
+  auto idx = at::empty({B, k}, tokens_in.options().dtype(at::kLong));
+  if (B == 0) return {out, idx};
+
+  // Phase 1: per-image selection, written straight into idx, plus the row plan.
+  const at::Tensor scores = scores_in.scalar_type() == at::kFloat ? scores_in : scores_in.to(at::kFloat);
+  const float* s = scores.data_ptr<float>();
+  const int64_t ssb = scores.stride(0), ssn = scores.stride(1);
+  int64_t* ip = idx.data_ptr<int64_t>();
+  Plan p{B, N, k, std::vector<int64_t>(B, k), std::vector<int64_t>(B * N, -1),
+         std::vector<int64_t>(B, N - k)};
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint32_t> keys(N), scratch(N);
+    for (int64_t b = b0; b < b1; ++b) {
+      cpu::row_keys(s + b * ssb, ssn, N, keys.data());
+      cpu::select_top_keys(keys.data(), N, k, scratch.data(), ip + b * k);
+      int64_t* fs = p.first_slot.data() + b * N;
+      for (int64_t j = 0; j < k; ++j) fs[ip[b * k + j]] = j;
+    }
+  });
+  if (out.numel() == 0) return {out, idx};
+  advise_huge_pages(out);
+
+  // Phase 2: gather + merge.
+  const at::Tensor tokens = unit_inner_stride(tokens_in);
+  const at::Tensor wf = float_weights(weights, merge);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "compress_topk_cpu", [&] {
+    gather_merge_rows<scalar_t>(p, ip, tokens.data_ptr<scalar_t>(), tokens.stride(0),
+                                tokens.stride(1), wf.defined() ? wf.data_ptr<float>() : nullptr,
+                                D, merge, out.data_ptr<scalar_t>());
+  });
+  return {out, idx};
+}
+
+}  // namespace epic

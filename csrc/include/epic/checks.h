@@ -1,0 +1,72 @@
+// Argument checks shared by the CPU and CUDA host entries. They raise c10::ValueError /
+// c10::TypeError, which Python sees as ValueError / TypeError, always naming the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <optional>
+
+#include "epic/common.h"
+
+namespace epic {
+
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+inline void check_scores(const at::Tensor& scores, const char* name = "scores") {
+  TORCH_CHECK_VALUE(scores.dim() == 2, name, " must be 2-D [B, N], got shape ", scores.sizes());
+  TORCH_CHECK_TYPE(is_float_dtype(scores.scalar_type()), name,
+                   " must be a floating tensor (float32/float16/bfloat16/float64), got ",
+                   scores.scalar_type());
+}
+
+inline void check_tokens(const at::Tensor& tokens) {
+  TORCH_CHECK_VALUE(tokens.dim() == 3, "tokens must be 3-D [B, N, D], got shape ", tokens.sizes());
+  TORCH_CHECK_TYPE(is_float_dtype(tokens.scalar_type()),
+                   "tokens must be a floating tensor (float32/float16/bfloat16/float64), got ",
+                   tokens.scalar_type());
+}
+
+inline void check_merge(int64_t merge, const std::optional<at::Tensor>& weights, int64_t B,
+                        int64_t N, const at::Device& device) {
+  TORCH_CHECK_VALUE(merge == kMergeNone || merge == kMergeMean || merge == kMergeWeighted,
+                    "merge must be 0 (none), 1 (mean) or 2 (weighted), got ", merge);
+  if (merge == kMergeWeighted) {
+    TORCH_CHECK_VALUE(weights.has_value(), "weights are required when merge is weighted");
+    const auto& w = *weights;
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == B && w.size(1) == N, "weights must be [B, N] = [",
+                      B, ", ", N, "], got ", w.sizes());
+    TORCH_CHECK_TYPE(is_float_dtype(w.scalar_type()), "weights must be floating, got ",
+                     w.scalar_type());
+    TORCH_CHECK_VALUE(w.device() == device, "weights must be on ", device, ", got ", w.device());
+  }
+}
+
+inline void check_merge(int64_t merge, const std::optional<at::Tensor>& weights,
+                        const at::Tensor& tokens) {
+  check_merge(merge, weights, tokens.size(0), tokens.size(1), tokens.device());
+}
+
+inline void check_idx(const at::Tensor& idx, const at::Tensor& tokens,
+                      const std::optional<at::Tensor>& counts) {
+  TORCH_CHECK_VALUE(idx.dim() == 2 && idx.size(0) == tokens.size(0),
+                    "idx must be [B, K] with B = ", tokens.size(0), ", got ", idx.sizes());
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, "idx must be int64, got ", idx.scalar_type());
+  TORCH_CHECK_VALUE(idx.device() == tokens.device(), "idx must be on ", tokens.device(), ", got ",
+                    idx.device());
+  if (counts.has_value()) {
+    const auto& c = *counts;
+    TORCH_CHECK_VALUE(c.dim() == 1 && c.size(0) == tokens.size(0), "counts must be [B] with B = ",
+                      tokens.size(0), ", got ", c.sizes());
+    TORCH_CHECK_TYPE(c.scalar_type() == at::kLong, "counts must be int64, got ", c.scalar_type());
+    TORCH_CHECK_VALUE(c.device() == tokens.device(), "counts must be on ", tokens.device(),
+                      ", got ", c.device());
+  }
+}
+
+inline void check_k(int64_t k, int64_t n) {
+  TORCH_CHECK_VALUE(k >= 0 && k <= n, "k must be in [0, N] = [0, ", n, "], got ", k);
+}
+
+}  // namespace epic

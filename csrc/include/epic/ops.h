@@ -1,0 +1,57 @@
+// Host entry points of every epic_ext kernel. Each op has a *_cpu definition in csrc/cpu and,
+// when the build includes CUDA, a *_cuda definition in csrc/cuda with the same contract.
+//
+// Contracts (shape checks are done here in C++ too, so a direct _C call cannot crash):
+//   select_topk(scores[B,N] float, k)              -> idx[B,k] int64, ascending, ties to the lower
+//                                                      index, NaN ranks below every number.
+//   iqr_select(scores[B,N], whisker, pooled, max_k) -> (counts[B] int64, indices[B,N] int64): row b
+//       keeps its top counts[b] scores (spatial order), indices padded with -1. counts[b] is the
+//       number of scores > Q3 + whisker (Q3 - Q1) (quantiles of the row, or of all rows pooled,
+//       NaN excluded, torch.quantile "linear"); pooled: floor(total outliers / B) for every row.
+//       max_k >= 0 caps every count.
+//   gather_merge(tokens[B,N,D], idx[B,K], counts[B]?, merge, weights[B,N]?)
+//       -> out[B, K + (merge != none), D]: rows j < counts[b] (all K if counts is absent) copy
+//       tokens[b, idx[b,j]]; the next row is the merge of the rows not referenced by a valid idx
+//       (mean, or sum of weights[b,n] * x); the rest is zero.
+//   gather_merge_backward(grad_out, idx, counts?, merge, weights?, N) -> grad_tokens[B,N,D].
+//   compress_topk(tokens, scores, k, merge, weights?) -> (out, idx): select_topk + gather_merge in
+//       one kernel.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <optional>
+#include <tuple>
+
+namespace epic {
+
+at::Tensor select_topk_cpu(const at::Tensor& scores, int64_t k);
+std::tuple<at::Tensor, at::Tensor> iqr_select_cpu(const at::Tensor& scores, double whisker,
+                                                  bool pooled, int64_t max_k);
+at::Tensor gather_merge_cpu(const at::Tensor& tokens, const at::Tensor& idx,
+                            const std::optional<at::Tensor>& counts, int64_t merge,
+                            const std::optional<at::Tensor>& weights);
+at::Tensor gather_merge_backward_cpu(const at::Tensor& grad_out, const at::Tensor& idx,
+                                     const std::optional<at::Tensor>& counts, int64_t merge,
+                                     const std::optional<at::Tensor>& weights, int64_t n_tokens);
+std::tuple<at::Tensor, at::Tensor> compress_topk_cpu(const at::Tensor& tokens,
+                                                     const at::Tensor& scores, int64_t k,
+                                                     int64_t merge,
+                                                     const std::optional<at::Tensor>& weights);
+
+#ifdef EPIC_WITH_CUDA
+at::Tensor select_topk_cuda(const at::Tensor& scores, int64_t k);
+std::tuple<at::Tensor, at::Tensor> iqr_select_cuda(const at::Tensor& scores, double whisker,
+                                                   bool pooled, int64_t max_k);
+at::Tensor gather_merge_cuda(const at::Tensor& tokens, const at::Tensor& idx,
+                             const std::optional<at::Tensor>& counts, int64_t merge,
+                             const std::optional<at::Tensor>& weights);
+at::Tensor gather_merge_backward_cuda(const at::Tensor& grad_out, const at::Tensor& idx,
+                                      const std::optional<at::Tensor>& counts, int64_t merge,
+                                      const std::optional<at::Tensor>& weights, int64_t n_tokens);
+std::tuple<at::Tensor, at::Tensor> compress_topk_cuda(const at::Tensor& tokens,
+                                                      const at::Tensor& scores, int64_t k,
+                                                      int64_t merge,
+                                                      const std::optional<at::Tensor>& weights);
+#endif
+
+}  // namespace epic

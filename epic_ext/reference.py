@@ -1,0 +1,168 @@
+"""Pure-PyTorch specification of every epic_ext kernel.
+
+These functions are the spec: the tests hold every backend (C++, CUDA, Triton) to them, and the
+dispatcher falls back to them where no compiled kernel exists. They favour obviousness over
+speed, but they are exact: selection is bit-identical to the kernels (same ordering keys, same
+quantile arithmetic), and all arithmetic runs in fp32 (fp64 for fp64 inputs), like the kernels.
+
+Conventions shared with the kernels (see docs/ARCHITECTURE.md and csrc/include/epic/common.h):
+- Ranking: a higher score ranks higher; ties go to the lower index; NaN ranks below every number;
+  -0.0 ties with +0.0. Kept indices are returned in ascending (spatial) order.
+- IQR quantiles: torch.quantile "linear" over the non-NaN scores (torch.nanquantile semantics).
+- merge: 0 = none, 1 = mean of the dropped rows, 2 = sum of weights[b, n] * x over dropped rows.
+"""
+from __future__ import annotations
+
+import torch
+
+MERGE_NONE, MERGE_MEAN, MERGE_WEIGHTED = 0, 1, 2
+MERGE_CODES = {"none": MERGE_NONE, "mean": MERGE_MEAN, "weighted": MERGE_WEIGHTED}
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def score_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys with the kernels' order: key(a) > key(b) iff a ranks above b.
+
+    The fp32 bit pattern is mapped to an unsigned order (negative values flipped); NaN gets 0,
+    below the key of -inf; -0.0 is folded onto +0.0.
+    """
+    x = scores.float()
+    x = torch.where(x == 0, torch.zeros_like(x), x)
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    neg = bits >= 0x80000000
+    key = torch.where(neg, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    return torch.where(torch.isnan(x), torch.zeros_like(key), key)
+
+
+def select_rows(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Row b keeps its counts[b] best scores: indices [B, N] ascending, padded with -1."""
+    B, N = scores.shape
+    keys = score_keys(scores)
+    # Stable descending sort keeps the lower index first among equal keys.
+    order = torch.sort(keys, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(N, device=scores.device).expand(B, N))
+    selected = rank < counts.view(B, 1)
+    pos = torch.arange(N, device=scores.device).expand(B, N)
+    # Selected positions first (ascending), then -1 padding.
+    sort_key = torch.where(selected, pos, pos + N)
+    out = torch.sort(sort_key, dim=1).values
+    return torch.where(out < N, out, torch.full_like(out, -1))
+
+
+def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [B, k] (int64) of the k best scores of each row, ascending."""
+    B, N = scores.shape
+    counts = torch.full((B,), k, dtype=torch.int64, device=scores.device)
+    return select_rows(scores, counts)[:, :k].contiguous()
+
+
+def _nanquantile_linear(values: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile(..., interpolation='linear') of each row's non-NaN values, fp32 arithmetic
+    written out: rank = q * (n - 1); lerp as ATen's scalar lerp (exact match, tested)."""
+    v = values.float()
+    n = (~torch.isnan(v)).sum(dim=1)
+    sorted_v = torch.sort(v, dim=1).values  # NaN sorts last
+    rank = torch.tensor(q, dtype=torch.float32, device=v.device) * (n - 1).clamp(min=0).float()
+    below = rank.long()
+    weight = rank - below.float()
+    above = torch.where(weight > 0, below + 1, below)
+    lo = sorted_v.gather(1, below.view(-1, 1).clamp(max=v.shape[1] - 1)).squeeze(1)
+    hi = sorted_v.gather(1, above.view(-1, 1).clamp(max=v.shape[1] - 1)).squeeze(1)
+    diff = hi - lo
+    out = torch.where(weight < 0.5, lo + weight * diff, hi - diff * (1.0 - weight))
+    return torch.where(n > 0, out, torch.full_like(out, float("nan")))
+
+
+def upper_fence(values: torch.Tensor, whisker: float) -> torch.Tensor:
+    """Q3 + whisker * (Q3 - Q1) per row of `values` (fp32, NaN when a row has no number)."""
+    q1 = _nanquantile_linear(values, 0.25)
+    q3 = _nanquantile_linear(values, 0.75)
+    return q3 + torch.tensor(whisker, dtype=torch.float32) * (q3 - q1)
+
+
+def iqr_select(scores: torch.Tensor, whisker: float = 1.5, pooled: bool = False,
+               max_k: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQR outlier selection: (counts [B] int64, indices [B, N] int64 padded with -1).
+
+    Per image: counts[b] = #{scores[b] > fence_b}. Pooled (TRIM/PruMerge): one fence over all
+    B*N scores and counts[b] = floor(total outliers / B) for every row, each row keeping its own
+    best. max_k >= 0 caps the counts. Selected indices are the row's counts[b] best scores,
+    ascending.
+    """
+    B, N = scores.shape
+    x = scores.float()
+    if B == 0:
+        return (torch.zeros(0, dtype=torch.int64, device=scores.device),
+                torch.zeros(0, N, dtype=torch.int64, device=scores.device))
+    if pooled:
+        fence = upper_fence(x.reshape(1, -1), whisker)
+        total = (x > fence).sum()
+        counts = torch.div(total, B, rounding_mode="floor").expand(B).clone()
+    else:
+        fence = upper_fence(x, whisker)
+        counts = (x > fence.view(B, 1)).sum(dim=1)
+    if max_k >= 0:
+        counts = counts.clamp(max=max_k)
+    return counts.to(torch.int64), select_rows(x, counts)
+
+
+def gather_merge(tokens: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor | None = None,
+                 merge: int = MERGE_MEAN, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, K + (merge != none), D]: kept rows, then the merged row, then zero padding.
+
+    Rows j < counts[b] (all K without counts) are tokens[b, idx[b, j]]. The merged row sits at
+    position counts[b]: the mean of the rows that no valid idx references (zeros if none), or
+    sum of weights[b, n] * tokens[b, n] over them. Differentiable (autograd) w.r.t. tokens and
+    weights.
+    """
+    B, N, D = tokens.shape
+    K = idx.shape[1]
+    acc = _opmath(tokens.dtype)
+    x = tokens.to(acc)
+    valid = (torch.arange(K, device=tokens.device).view(1, K)
+             < (counts.view(B, 1) if counts is not None else K))
+    safe_idx = torch.where(valid, idx, torch.zeros_like(idx))
+    kept = x.gather(1, safe_idx.unsqueeze(-1).expand(B, K, D))
+    kept = torch.where(valid.unsqueeze(-1), kept, torch.zeros_like(kept))
+    referenced = torch.zeros(B, N + 1, dtype=torch.bool, device=tokens.device)
+    referenced.scatter_(1, torch.where(valid, idx, torch.full_like(idx, N)), True)
+    dropped = ~referenced[:, :N]
+    if merge == MERGE_NONE:
+        return kept.to(tokens.dtype)
+    if merge == MERGE_MEAN:
+        n_drop = dropped.sum(dim=1, keepdim=True).to(acc)
+        total = torch.where(dropped.unsqueeze(-1), x, torch.zeros_like(x)).sum(dim=1)
+        merged = torch.where(n_drop > 0, total / n_drop.clamp(min=1), torch.zeros_like(total))
+    else:
+        wx = weights.to(acc).unsqueeze(-1) * x
+        merged = torch.where(dropped.unsqueeze(-1), wx, torch.zeros_like(wx)).sum(dim=1)
+    out = torch.cat([kept, torch.zeros(B, 1, D, dtype=acc, device=tokens.device)], dim=1)
+    pos = counts if counts is not None else torch.full((B,), K, device=tokens.device)
+    slot = torch.nn.functional.one_hot(pos.long(), K + 1).unsqueeze(-1)  # [B, K+1, 1]
+    out = torch.where(slot.bool(), merged.unsqueeze(1).expand_as(out), out)
+    return out.to(tokens.dtype)
+
+
+def compress_topk(tokens: torch.Tensor, scores: torch.Tensor, k: int, merge: int = MERGE_MEAN,
+                  weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """select_topk + gather_merge: (compressed [B, k + (merge != none), D], idx [B, k])."""
+    idx = select_topk(scores, k)
+    return gather_merge(tokens, idx, None, merge, weights), idx
+
+
+def trim_eager(tokens: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """TRIM's published composition (topk, boolean mask, masked gather, masked mean), the
+    baseline the benchmarks compare against; equal to compress_topk(merge=mean) when scores have
+    no ties or NaN."""
+    B, N, D = tokens.shape
+    top = scores.topk(k, dim=1).indices
+    mask = torch.zeros(B, N, dtype=torch.bool, device=tokens.device).scatter_(1, top, True)
+    kept = tokens[mask].view(B, k, D)
+    unselected = (~mask).unsqueeze(-1)
+    n_unsel = unselected.sum(dim=1).clamp(min=1)
+    mean = (tokens * unselected).sum(dim=1) / n_unsel
+    return torch.cat([kept, mean.unsqueeze(1).to(tokens.dtype)], dim=1)
