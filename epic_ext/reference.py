@@ -147,6 +147,36 @@ def gather_merge(tokens: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor |
     return out.to(tokens.dtype)
 
 
+def gather_merge_backward(grad_out: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor | None,
+                          merge: int, weights: torch.Tensor | None, n_tokens: int) -> torch.Tensor:
+    """Gradient of gather_merge w.r.t. tokens: a kept row gets its output row's gradient (summed
+    over repeated indices); a dropped row gets grad_merged / n_dropped (mean) or
+    weights[b, n] * grad_merged (weighted); zero with merge none."""
+    B, _, D = grad_out.shape
+    K = idx.shape[1]
+    acc = _opmath(grad_out.dtype)
+    g = grad_out.to(acc)
+    valid = (torch.arange(K, device=idx.device).view(1, K)
+             < (counts.view(B, 1) if counts is not None else K))
+    sink = torch.where(valid, idx, torch.full_like(idx, n_tokens))  # invalid rows go to a sink row
+    grad = torch.zeros(B, n_tokens + 1, D, dtype=acc, device=grad_out.device)
+    grad.scatter_add_(1, sink.unsqueeze(-1).expand(B, K, D), g[:, :K])
+    referenced = torch.zeros(B, n_tokens + 1, dtype=torch.bool, device=idx.device)
+    referenced.scatter_(1, sink, True)
+    dropped = ~referenced[:, :n_tokens]
+    grad = grad[:, :n_tokens]
+    if merge != MERGE_NONE:
+        pos = counts if counts is not None else torch.full((B,), K, device=idx.device)
+        g_merged = g.gather(1, pos.long().view(B, 1, 1).expand(B, 1, D))  # [B, 1, D]
+        if merge == MERGE_MEAN:
+            n_drop = dropped.sum(dim=1).clamp(min=1).to(acc).view(B, 1, 1)
+            spread = (g_merged / n_drop).expand(B, n_tokens, D)
+        else:
+            spread = weights.to(acc).unsqueeze(-1) * g_merged
+        grad = torch.where(dropped.unsqueeze(-1), spread, grad)
+    return grad.to(grad_out.dtype)
+
+
 def compress_topk(tokens: torch.Tensor, scores: torch.Tensor, k: int, merge: int = MERGE_MEAN,
                   weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """select_topk + gather_merge: (compressed [B, k + (merge != none), D], idx [B, k])."""

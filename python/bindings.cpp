@@ -2,6 +2,7 @@
 // registration (schemas, fake kernels, autograd) lives in epic_ext/ops.py, which calls these.
 #include <torch/extension.h>
 
+#include "epic/checks.h"
 #include "epic/ops.h"
 
 using namespace pybind11::literals;
@@ -20,6 +21,10 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("has_openmp") = pybind11::bool_(false);
 #endif
+
+  m.def("set_poison", [](bool on) { epic::g_poison_outputs.store(on); }, "on"_a,
+        "Fill every fresh kernel output with NaN / sentinels (test hook).");
+  m.def("poison", []() { return epic::g_poison_outputs.load(); });
 
   auto cpu = m.def_submodule("cpu", "C++ CPU kernels (OpenMP through at::parallel_for)");
   cpu.def("select_topk", &epic::select_topk_cpu, "scores"_a, "k"_a);

@@ -112,7 +112,7 @@ inline void accumulate_scaled(double* acc, const double* x, double w, int64_t le
 // Phase 2 of the forward: out[b, :valid] = kept rows, out[b, valid] = merge, rest zero.
 template <typename T>
 void gather_merge_rows(const Plan& p, const int64_t* idx, const T* x, int64_t xsb, int64_t xsn,
-                       const float* w, int64_t D, int64_t merge, T* out) {
+                       const typename Acc<T>::type* w, int64_t D, int64_t merge, T* out) {
   using opmath = typename Acc<T>::type;
   const int64_t rows_out = p.K + (merge != kMergeNone);
   const int64_t n_slices = (D + kSlice - 1) / kSlice;
@@ -136,7 +136,7 @@ void gather_merge_rows(const Plan& p, const int64_t* idx, const T* x, int64_t xs
           if (merge == kMergeMean)
             accumulate(acc, xb + n * xsn, len);
           else
-            accumulate_scaled(acc, xb + n * xsn, static_cast<opmath>(w[b * p.N + n]), len);
+            accumulate_scaled(acc, xb + n * xsn, w[b * p.N + n], len);
         }
         T* m = ob + valid * D;
         if (merge == kMergeMean && p.n_dropped[b] > 0) {
@@ -155,7 +155,8 @@ void gather_merge_rows(const Plan& p, const int64_t* idx, const T* x, int64_t xs
 // Phase 2 of the backward: every input row is written exactly once (duplicates add afterwards).
 template <typename T>
 void gather_merge_backward_rows(const Plan& p, const int64_t* idx, const T* g, int64_t gsb,
-                                int64_t gsn, const float* w, int64_t D, int64_t merge, T* gx) {
+                                int64_t gsn, const typename Acc<T>::type* w, int64_t D,
+                                int64_t merge, T* gx) {
   using opmath = typename Acc<T>::type;
   const int64_t n_slices = (D + kSlice - 1) / kSlice;
   at::parallel_for(0, p.B * n_slices, 1, [&](int64_t t0, int64_t t1) {
@@ -176,7 +177,7 @@ void gather_merge_backward_rows(const Plan& p, const int64_t* idx, const T* g, i
         } else if (merge == kMergeMean) {
           for (int64_t d = 0; d < len; ++d) dst[d] = static_cast<T>(static_cast<opmath>(gm[d]) / cnt);
         } else if (merge == kMergeWeighted) {
-          const opmath wn = static_cast<opmath>(w[b * p.N + n]);
+          const opmath wn = w[b * p.N + n];
           for (int64_t d = 0; d < len; ++d) dst[d] = static_cast<T>(wn * static_cast<opmath>(gm[d]));
         } else {
           std::memset(dst, 0, len * sizeof(T));
@@ -200,9 +201,16 @@ at::Tensor unit_inner_stride(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
-at::Tensor float_weights(const std::optional<at::Tensor>& weights, int64_t merge) {
+// Weights in the accumulation type of the tokens (fp64 for fp64 tokens, else fp32).
+at::Tensor opmath_weights(const std::optional<at::Tensor>& weights, int64_t merge,
+                          at::ScalarType tokens_dtype) {
   if (merge != kMergeWeighted) return at::Tensor();
-  return weights->to(at::kFloat).contiguous();
+  return weights->to(tokens_dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+template <typename T>
+const typename Acc<T>::type* weights_ptr(const at::Tensor& w) {
+  return w.defined() ? w.data_ptr<typename Acc<T>::type>() : nullptr;
 }
 
 }  // namespace
@@ -215,17 +223,17 @@ at::Tensor gather_merge_cpu(const at::Tensor& tokens_in, const at::Tensor& idx,
   check_merge(merge, weights, tokens_in);
   const int64_t B = tokens_in.size(0), N = tokens_in.size(1), D = tokens_in.size(2);
   const int64_t K = idx.size(1);
-  auto out = at::empty({B, K + (merge != kMergeNone), D}, tokens_in.options());
+  auto out = new_output({B, K + (merge != kMergeNone), D}, tokens_in.options());
   Plan p = plan_from_idx(idx, counts, N);
   if (out.numel() == 0) return out;
   advise_huge_pages(out);
   const at::Tensor tokens = unit_inner_stride(tokens_in);
   const at::Tensor ic = idx.contiguous();
-  const at::Tensor wf = float_weights(weights, merge);
+  const at::Tensor wf = opmath_weights(weights, merge, tokens_in.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "gather_merge_cpu", [&] {
     gather_merge_rows<scalar_t>(p, ic.data_ptr<int64_t>(), tokens.data_ptr<scalar_t>(),
                                 tokens.stride(0), tokens.stride(1),
-                                wf.defined() ? wf.data_ptr<float>() : nullptr, D, merge,
+                                weights_ptr<scalar_t>(wf), D, merge,
                                 out.data_ptr<scalar_t>());
   });
   return out;
@@ -241,17 +249,17 @@ at::Tensor gather_merge_backward_cpu(const at::Tensor& grad_in, const at::Tensor
                     grad_in.size(1), " rows, expected ", K + (merge != kMergeNone));
   check_idx(idx, grad_in, counts);
   check_merge(merge, weights, B, n_tokens, grad_in.device());
-  auto gx = at::empty({B, n_tokens, D}, grad_in.options());
+  auto gx = new_output({B, n_tokens, D}, grad_in.options());
   Plan p = plan_from_idx(idx, counts, n_tokens);
   if (gx.numel() == 0) return gx;
   advise_huge_pages(gx);
   const at::Tensor g = unit_inner_stride(grad_in);
   const at::Tensor ic = idx.contiguous();
-  const at::Tensor wf = float_weights(weights, merge);
+  const at::Tensor wf = opmath_weights(weights, merge, grad_in.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gather_merge_backward_cpu", [&] {
     gather_merge_backward_rows<scalar_t>(p, ic.data_ptr<int64_t>(), g.data_ptr<scalar_t>(),
                                          g.stride(0), g.stride(1),
-                                         wf.defined() ? wf.data_ptr<float>() : nullptr, D, merge,
+                                         weights_ptr<scalar_t>(wf), D, merge,
                                          gx.data_ptr<scalar_t>());
   });
   return gx;
@@ -270,8 +278,8 @@ std::tuple<at::Tensor, at::Tensor> compress_topk_cpu(const at::Tensor& tokens_in
                     tokens_in.device(), ", got ", scores_in.device());
   check_k(k, N);
   check_merge(merge, weights, tokens_in);
-  auto out = at::empty({B, k + (merge != kMergeNone), D}, tokens_in.options());
-  auto idx = at::empty({B, k}, tokens_in.options().dtype(at::kLong));
+  auto out = new_output({B, k + (merge != kMergeNone), D}, tokens_in.options());
+  auto idx = new_output({B, k}, tokens_in.options().dtype(at::kLong));
   if (B == 0) return {out, idx};
 
   // Phase 1: per-image selection, written straight into idx, plus the row plan.
@@ -295,10 +303,10 @@ std::tuple<at::Tensor, at::Tensor> compress_topk_cpu(const at::Tensor& tokens_in
 
   // Phase 2: gather + merge.
   const at::Tensor tokens = unit_inner_stride(tokens_in);
-  const at::Tensor wf = float_weights(weights, merge);
+  const at::Tensor wf = opmath_weights(weights, merge, tokens_in.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "compress_topk_cpu", [&] {
     gather_merge_rows<scalar_t>(p, ip, tokens.data_ptr<scalar_t>(), tokens.stride(0),
-                                tokens.stride(1), wf.defined() ? wf.data_ptr<float>() : nullptr,
+                                tokens.stride(1), weights_ptr<scalar_t>(wf),
                                 D, merge, out.data_ptr<scalar_t>());
   });
   return {out, idx};

@@ -21,7 +21,7 @@ at::Tensor select_topk_cpu(const at::Tensor& scores_in, int64_t k) {
   check_scores(scores_in);
   const int64_t B = scores_in.size(0), N = scores_in.size(1);
   check_k(k, N);
-  auto idx = at::empty({B, k}, scores_in.options().dtype(at::kLong));
+  auto idx = new_output({B, k}, scores_in.options().dtype(at::kLong));
   if (B == 0 || k == 0) return idx;
   const at::Tensor scores = scores_as_float(scores_in);
   const float* s = scores.data_ptr<float>();
@@ -41,8 +41,8 @@ std::tuple<at::Tensor, at::Tensor> iqr_select_cpu(const at::Tensor& scores_in, d
                                                   bool pooled, int64_t max_k) {
   check_scores(scores_in);
   const int64_t B = scores_in.size(0), N = scores_in.size(1);
-  auto counts = at::empty({B}, scores_in.options().dtype(at::kLong));
-  auto indices = at::empty({B, N}, scores_in.options().dtype(at::kLong));
+  auto counts = new_output({B}, scores_in.options().dtype(at::kLong));
+  auto indices = new_output({B, N}, scores_in.options().dtype(at::kLong));
   if (B == 0) return {counts, indices};
   const at::Tensor scores = scores_as_float(scores_in);
   const float* s = scores.data_ptr<float>();

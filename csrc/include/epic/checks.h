@@ -4,11 +4,30 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <atomic>
+#include <limits>
 #include <optional>
 
 #include "epic/common.h"
 
 namespace epic {
+
+// Test hook: when set (epic_ext._C.set_poison(True)), every fresh output is filled with NaN
+// (floats) or INT64_MIN / true (ints / bools) so tests prove that kernels write every element.
+inline std::atomic<bool> g_poison_outputs{false};
+
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  if (g_poison_outputs.load(std::memory_order_relaxed) && t.numel() > 0) {
+    if (at::isFloatingType(t.scalar_type()))
+      t.fill_(std::numeric_limits<double>::quiet_NaN());
+    else if (t.scalar_type() == at::kBool)
+      t.fill_(true);
+    else
+      t.fill_(std::numeric_limits<int64_t>::min());
+  }
+  return t;
+}
 
 inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;

@@ -1,0 +1,130 @@
+"""Which implementation runs an op: the compiled C++ CPU kernels, the CUDA kernels, the Triton
+kernels, or the pure-PyTorch reference.
+
+Every backend module exposes the same functions with the same signatures (see
+csrc/include/epic/ops.h): select_topk, iqr_select, gather_merge, gather_merge_backward,
+compress_topk. Importing epic_ext never fails because one is missing; `backends()` says why.
+
+Selection order for a tensor's device, unless forced:
+  cpu tensors  -> "cpu" (epic_ext._C.cpu) else "reference"
+  cuda tensors -> "cuda" (epic_ext._C.cuda) else "triton" else "reference"
+Force one with the environment variable EPIC_EXT_BACKEND=<name>, with `use_backend(name)` (a
+context manager, also usable as a plain call), or with the `backend=` argument of the public ops.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from types import ModuleType
+
+import torch
+
+NAMES = ("cpu", "cuda", "triton", "reference")
+
+_state = threading.local()
+_cache: dict[str, tuple[ModuleType | None, str]] = {}
+
+
+def _load(name: str) -> tuple[ModuleType | None, str]:
+    """(module or None, reason) for one backend; cached."""
+    if name in _cache:
+        return _cache[name]
+    module, reason = None, ""
+    if name == "reference":
+        module, reason = importlib.import_module("epic_ext.reference"), "pure PyTorch"
+    elif name in ("cpu", "cuda"):
+        try:
+            from epic_ext import _C
+        except ImportError as e:  # not built, or built against another torch
+            reason = f"epic_ext._C did not import ({e}); run `pip install -e . --no-build-isolation`"
+        else:
+            if name == "cpu":
+                module = _C.cpu
+                reason = "C++ kernels" + (" (OpenMP)" if _C.has_openmp else " (no OpenMP)")
+            elif _C.has_cuda:
+                module, reason = _C.cuda, "CUDA kernels"
+                if not torch.cuda.is_available():
+                    reason += " (compiled; no GPU visible)"
+            else:
+                reason = "epic_ext._C was built without CUDA (EPIC_EXT_CUDA=0, or no matching nvcc)"
+    elif name == "triton":
+        try:
+            module = importlib.import_module("epic_ext.triton")
+        except ImportError as e:
+            reason = f"triton kernels unavailable ({e})"
+        else:
+            interp = os.environ.get("TRITON_INTERPRET") == "1"
+            reason = "Triton kernels" + (" (interpreter: CPU tensors)" if interp else "")
+    else:
+        raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
+    _cache[name] = (module, reason)
+    return module, reason
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    # Triton runs CUDA tensors, and CPU tensors only under its interpreter.
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backends() -> dict[str, dict]:
+    """Availability of every backend: {name: {"available": bool, "reason": str}}."""
+    out = {}
+    for name in NAMES:
+        module, reason = _load(name)
+        out[name] = {"available": module is not None, "reason": reason}
+    return out
+
+
+def forced() -> str | None:
+    name = getattr(_state, "forced", None) or os.environ.get("EPIC_EXT_BACKEND") or None
+    if name is not None and name not in NAMES:
+        raise ValueError(f"EPIC_EXT_BACKEND / backend must be one of {NAMES}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def _forcing(name: str | None):
+    previous = getattr(_state, "forced", None)
+    _state.forced = name
+    try:
+        yield
+    finally:
+        _state.forced = previous
+
+
+def use_backend(name: str | None):
+    """Force a backend for the ops run inside `with use_backend(name):` (None: automatic)."""
+    if name is not None and name not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES} or None, got {name!r}")
+    return _forcing(name)
+
+
+def resolve(device: torch.device) -> str:
+    """Name of the backend that runs an op whose tensors live on `device`."""
+    name = forced()
+    if name is not None:
+        module, reason = _load(name)
+        if module is None:
+            raise RuntimeError(f"backend {name!r} is not available: {reason}")
+        if not _runs_on(name, device):
+            raise RuntimeError(f"backend {name!r} cannot run {device.type} tensors")
+        return name
+    order = ("cpu",) if device.type == "cpu" else ("cuda", "triton") if device.type == "cuda" else ()
+    for candidate in order:
+        if _load(candidate)[0] is not None and _runs_on(candidate, device):
+            return candidate
+    return "reference"
+
+
+def kernel(op: str, device: torch.device):
+    """The function implementing `op` for tensors on `device`, and the backend's name."""
+    name = resolve(device)
+    return getattr(_load(name)[0], op), name

@@ -1,0 +1,104 @@
+"""Shared test setup: Triton's CPU interpreter, the backends to run, poisoned outputs."""
+import os
+
+# Must be set before any @triton.jit function is created: Triton kernels then run on CPU tensors.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
+
+import contextlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import epic_ext  # noqa: E402
+from epic_ext import _backend  # noqa: E402
+
+# (dtype, atol, rtol) for floating outputs compared with the reference in the same dtype: the
+# kernels and the reference both accumulate in fp32 and round once, so they differ by at most
+# one rounding of the result plus fp32 summation-order noise.
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-5),  # atol: unnormalised weighted sums of ~3k terms
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (8e-3, 8e-3),
+    torch.float64: (1e-12, 1e-12),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def runnable_backends():
+    """(backend, device) pairs this machine can run: the compiled CPU kernels, Triton under the
+    interpreter, the reference, and on a GPU the CUDA and Triton kernels on CUDA tensors."""
+    pairs = []
+    info = epic_ext.backends()
+    if info["cpu"]["available"]:
+        pairs.append(("cpu", "cpu"))
+    if info["reference"]["available"]:
+        pairs.append(("reference", "cpu"))
+    if torch.cuda.is_available():
+        for name in ("cuda", "triton"):
+            if info[name]["available"]:
+                pairs.append((name, "cuda"))
+    elif info["triton"]["available"] and os.environ.get("TRITON_INTERPRET") == "1":
+        pairs.append(("triton", "cpu"))
+    return pairs
+
+
+BACKENDS = runnable_backends()
+BACKEND_IDS = [f"{b}-{d}" for b, d in BACKENDS]
+
+
+def is_interpreted(backend, device):
+    return backend == "triton" and device == "cpu"
+
+
+@pytest.fixture(params=BACKENDS, ids=BACKEND_IDS)
+def backend(request):
+    """Yields (name, device) with the backend forced for the duration of the test."""
+    name, device = request.param
+    with _backend.use_backend(name):
+        yield name, device
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every fresh tensor a kernel allocates starts as NaN / INT64_MIN / True, so a kernel that
+    leaves an element unwritten fails the comparison."""
+    def poison(t):
+        if t.numel():
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+            elif t.dtype == torch.bool:
+                t.fill_(True)
+            else:
+                t.fill_(torch.iinfo(t.dtype).min)
+        return t
+
+    real_empty, real_like, real_new = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    torch.empty = lambda *a, **k: poison(real_empty(*a, **k))
+    torch.empty_like = lambda *a, **k: poison(real_like(*a, **k))
+    torch.Tensor.new_empty = lambda self, *a, **k: poison(real_new(self, *a, **k))
+    try:
+        from epic_ext import _C
+    except ImportError:
+        _C = None
+    if _C is not None:
+        _C.set_poison(True)
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.Tensor.new_empty = real_empty, real_like, real_new
+        if _C is not None:
+            _C.set_poison(False)
+
+
+@pytest.fixture
+def poison():
+    with poisoned_outputs():
+        yield
+
+
+def assert_close(actual, expected, dtype=None, msg=""):
+    dtype = dtype or expected.dtype
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol,
+                               equal_nan=True, msg=msg or None)
