@@ -23,10 +23,14 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # --------------------------------------------------------------------------- custom ops
 
-@torch.library.custom_op("epic_ext::select_topk", mutates_args=())
-def _select_topk(scores: Tensor, k: int) -> Tensor:
+def _select_topk_impl(scores: Tensor, k: int) -> Tensor:
     fn, _ = _backend.kernel("select_topk", scores.device)
     return fn(scores, k)
+
+
+@torch.library.custom_op("epic_ext::select_topk", mutates_args=())
+def _select_topk(scores: Tensor, k: int) -> Tensor:
+    return _select_topk_impl(scores, k)
 
 
 @_select_topk.register_fake
@@ -34,10 +38,14 @@ def _(scores, k):
     return scores.new_empty((scores.shape[0], k), dtype=torch.int64)
 
 
-@torch.library.custom_op("epic_ext::iqr_select", mutates_args=())
-def _iqr_select(scores: Tensor, whisker: float, pooled: bool, max_k: int) -> tuple[Tensor, Tensor]:
+def _iqr_select_impl(scores: Tensor, whisker: float, pooled: bool, max_k: int) -> tuple[Tensor, Tensor]:
     fn, _ = _backend.kernel("iqr_select", scores.device)
     return fn(scores, whisker, pooled, max_k)
+
+
+@torch.library.custom_op("epic_ext::iqr_select", mutates_args=())
+def _iqr_select(scores: Tensor, whisker: float, pooled: bool, max_k: int) -> tuple[Tensor, Tensor]:
+    return _iqr_select_impl(scores, whisker, pooled, max_k)
 
 
 @_iqr_select.register_fake
@@ -64,13 +72,18 @@ def _check_index_range(idx: Tensor, counts: Optional[Tensor], n: int) -> None:
         raise ValueError(f"idx holds values out of range for N = {n}")
 
 
-@torch.library.custom_op("epic_ext::gather_merge", mutates_args=())
-def _gather_merge(tokens: Tensor, idx: Tensor, counts: Optional[Tensor], merge: int,
-                  weights: Optional[Tensor], check_index: bool) -> Tensor:
+def _gather_merge_impl(tokens: Tensor, idx: Tensor, counts: Optional[Tensor], merge: int,
+                       weights: Optional[Tensor], check_index: bool) -> Tensor:
     fn, name = _backend.kernel("gather_merge", tokens.device)
     if check_index and name != "cpu":
         _check_index_range(idx, counts, tokens.shape[1])
     return fn(tokens, idx, counts, merge, weights)
+
+
+@torch.library.custom_op("epic_ext::gather_merge", mutates_args=())
+def _gather_merge(tokens: Tensor, idx: Tensor, counts: Optional[Tensor], merge: int,
+                  weights: Optional[Tensor], check_index: bool) -> Tensor:
+    return _gather_merge_impl(tokens, idx, counts, merge, weights, check_index)
 
 
 @_gather_merge.register_fake
@@ -92,11 +105,16 @@ def _(grad_out, idx, counts, merge, weights, n_tokens):
     return grad_out.new_empty((B, n_tokens, D))
 
 
+def _compress_topk_impl(tokens: Tensor, scores: Tensor, k: int, merge: int,
+                        weights: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    fn, _ = _backend.kernel("compress_topk", tokens.device)
+    return fn(tokens, scores, k, merge, weights)
+
+
 @torch.library.custom_op("epic_ext::compress_topk", mutates_args=())
 def _compress_topk(tokens: Tensor, scores: Tensor, k: int, merge: int,
                    weights: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    fn, _ = _backend.kernel("compress_topk", tokens.device)
-    return fn(tokens, scores, k, merge, weights)
+    return _compress_topk_impl(tokens, scores, k, merge, weights)
 
 
 @_compress_topk.register_fake
@@ -238,7 +256,13 @@ def _check_whisker(whisker) -> float:
     return float(whisker)
 
 
-def _with_backend(backend, fn, *args):
+def _run(backend, registered, direct, *args, differentiable=()):
+    """Call an op. In eager mode, when autograd has nothing to record, the backend kernel is
+    called directly: the registered op's dispatch costs tens of microseconds, as much as a
+    small selection kernel. Under torch.compile or with autograd, the registered op runs."""
+    needs_graph = torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable))
+    fn = registered if needs_graph else direct
     if backend is None:
         return fn(*args)
     with _backend.use_backend(backend):
@@ -265,7 +289,7 @@ def select_topk(scores: Tensor, k, *, nan_policy: str = "lowest", backend: str |
     one host read). k: an int in [0, N] or a float ratio of N. No host synchronisation."""
     _check_tensor(scores, "scores", 2)
     _check_nan(scores, nan_policy)
-    return _with_backend(backend, _select_topk, scores, resolve_k(k, scores.shape[1]))
+    return _run(backend, _select_topk, _select_topk_impl, scores, resolve_k(k, scores.shape[1]))
 
 
 def iqr_select(scores: Tensor, whisker: float = 1.5, *, pooled: bool = False, max_k: int | None = None,
@@ -283,8 +307,8 @@ def iqr_select(scores: Tensor, whisker: float = 1.5, *, pooled: bool = False, ma
     if output not in ("indices", "mask"):
         raise ValueError(f"output must be 'indices' or 'mask', got {output!r}")
     cap = _check_max_k(max_k, scores.shape[1])
-    counts, indices = _with_backend(backend, _iqr_select, scores, _check_whisker(whisker),
-                                    bool(pooled), cap)
+    counts, indices = _run(backend, _iqr_select, _iqr_select_impl, scores,
+                           _check_whisker(whisker), bool(pooled), cap)
     if output == "mask":
         B, N = scores.shape
         mask = torch.zeros(B, N + 1, dtype=torch.bool, device=scores.device)
@@ -316,7 +340,8 @@ def gather_merge(tokens: Tensor, idx: Tensor, merge: str = "mean", weights: Tens
         _check_same_device(tokens, counts, "counts")
     code = _merge_code(merge, weights)
     _check_weights(weights, tokens)
-    return _with_backend(backend, _gather_merge, tokens, idx, counts, code, weights, True)
+    return _run(backend, _gather_merge, _gather_merge_impl, tokens, idx, counts, code, weights, True,
+                differentiable=(tokens, weights))
 
 
 def compress(tokens: Tensor, scores: Tensor, k, merge: str = "mean", *, weights: Tensor | None = None,
@@ -350,17 +375,18 @@ def compress(tokens: Tensor, scores: Tensor, k, merge: str = "mean", *, weights:
         if k != "iqr":
             raise ValueError(f"k as a string must be 'iqr', got {k!r}")
         cap = _check_max_k(max_k, N)
-        counts, indices = _with_backend(backend, _iqr_select, scores, _check_whisker(whisker),
-                                        bool(pooled), cap)
+        counts, indices = _run(backend, _iqr_select, _iqr_select_impl, scores,
+                               _check_whisker(whisker), bool(pooled), cap)
         width = cap if cap >= 0 else (int(counts.max()) if counts.numel() else 0)
         indices = indices[:, :width]
-        out = _with_backend(backend, _gather_merge, tokens, indices, counts, code, weights, False)
+        out = _run(backend, _gather_merge, _gather_merge_impl, tokens, indices, counts, code, weights,
+                   False, differentiable=(tokens, weights))
         result = Compressed(out, indices, counts)
     else:
         if max_k is not None:
             raise ValueError("max_k only applies to k='iqr'")
-        out, indices = _with_backend(backend, _compress_topk, tokens, scores, resolve_k(k, N), code,
-                                     weights)
+        out, indices = _run(backend, _compress_topk, _compress_topk_impl, tokens, scores,
+                            resolve_k(k, N), code, weights, differentiable=(tokens, weights))
         result = Compressed(out, indices, None)
     if unbatched:
         result = Compressed(result.tokens[0], result.indices[0],

@@ -1,0 +1,53 @@
+# Fresh machine: `make demo` (the main job) or `make test` (the test-suite). Both create .venv,
+# install the pinned requirements and build epic_ext._C (C++ CPU kernels, plus the CUDA kernels
+# when torch is a CUDA build and nvcc matches it; EPIC_EXT_CUDA=0/1 overrides).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export CUDA_HOME ?= /usr/local/cuda
+export MAX_JOBS ?= 2
+export EPIC_EXT_CUDA ?= auto
+
+KERNEL_SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh csrc/include/epic/*.h python/*.cpp) setup.py
+CMAKE_DIR := build/cmake
+
+.PHONY: all build test test-python test-cpp test-asan demo bench clean
+
+all: build
+
+$(VENV)/.deps: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(KERNEL_SOURCES)
+	$(PY) -m pip install -q -e . --no-build-isolation
+	touch $@
+
+build: $(VENV)/.built
+
+$(CMAKE_DIR)/CMakeCache.txt: $(VENV)/.deps CMakeLists.txt
+	cmake -S . -B $(CMAKE_DIR) -DPython3_EXECUTABLE=$(abspath $(PY)) > /dev/null
+
+test-cpp: $(CMAKE_DIR)/CMakeCache.txt
+	cmake --build $(CMAKE_DIR) -j $(MAX_JOBS)
+	ctest --test-dir $(CMAKE_DIR) --output-on-failure
+
+test-asan: $(VENV)/.deps
+	cmake -S . -B build/asan -DPython3_EXECUTABLE=$(abspath $(PY)) -DEPIC_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug > /dev/null
+	cmake --build build/asan -j $(MAX_JOBS)
+	ASAN_OPTIONS=detect_leaks=0 ctest --test-dir build/asan --output-on-failure
+
+test-python: build
+	TRITON_INTERPRET=1 $(PY) -m pytest tests
+
+test: test-cpp test-python
+
+demo: build
+	$(VENV)/bin/epic-ext bench --quick
+
+bench: build
+	$(VENV)/bin/epic-ext bench
+
+clean:
+	rm -rf build $(VENV) *.egg-info epic_ext/_C*.so
