@@ -81,7 +81,7 @@ if build_cuda:
     define_macros.append(("EPIC_WITH_CUDA", None))
     extension = cpp_extension.CUDAExtension
     include_dirs += nvidia_include_dirs()
-    extra["nvcc"] = ["-O3", "-g0", "-std=c++20", "--fmad=true", "-lineinfo",
+    extra["nvcc"] = ["-O3", "-std=c++20", "--fmad=true", "-lineinfo",
                      "--expt-relaxed-constexpr", "-DEPIC_WITH_CUDA"]
 
 setup(
