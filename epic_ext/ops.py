@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from .reference import MERGE_CODES, MERGE_MEAN, MERGE_NONE, MERGE_WEIGHTED
+from .reference import MERGE_CODES, MERGE_NONE, MERGE_WEIGHTED
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

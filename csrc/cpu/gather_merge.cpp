@@ -24,6 +24,10 @@ namespace {
 
 constexpr int64_t kSlice = 512;  // fp32 accumulator slice: 2 KiB, lives in L1
 
+// Rows per task of the per-image phase: waking the OpenMP team costs more than selecting a few
+// thousand scores, so small batches run on the calling thread.
+inline int64_t rows_grain(int64_t n_per_row) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(n_per_row, 1)); }
+
 using acc_t = float;
 
 template <typename T>
@@ -75,7 +79,7 @@ Plan plan_from_idx(const at::Tensor& idx, const std::optional<at::Tensor>& count
       p.valid[b] = cp[b];
     }
   }
-  at::parallel_for(0, p.B, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, p.B, rows_grain(N + p.K), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t* fs = p.first_slot.data() + b * N;
       int64_t distinct = 0;
@@ -289,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor> compress_topk_cpu(const at::Tensor& tokens_in
   int64_t* ip = idx.data_ptr<int64_t>();
   Plan p{B, N, k, std::vector<int64_t>(B, k), std::vector<int64_t>(B * N, -1),
          std::vector<int64_t>(B, N - k)};
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, rows_grain(N), [&](int64_t b0, int64_t b1) {
     std::vector<uint32_t> keys(N), scratch(N);
     for (int64_t b = b0; b < b1; ++b) {
       cpu::row_keys(s + b * ssb, ssn, N, keys.data());

@@ -1,0 +1,327 @@
+"""Measurement for the benchmarks: timing, the copy-bandwidth yardstick, machine identity and the
+JSON result files (the harness that drives cases and prints tables is harness.py).
+
+Timing: on CUDA every repetition is bracketed by a pair of `torch.cuda.Event`s (the L2 cache is
+flushed before each one by zeroing a buffer twice its size, outside the events); on the CPU by
+`time.perf_counter`, after the call returned. A measurement warms up first, then repeats the call
+until a time budget is spent (within [min_reps, max_reps]) and reports the median and the minimum.
+
+Achieved bandwidth = (minimum bytes the op must move, per DESIGN.md section 5) / median time. It is
+reported next to the bandwidth of a plain `dst.copy_(src)` whose read + written bytes equal the
+same number, timed the same way in the same run (its fastest repetition: the ceiling), as
+"fraction of copy" = achieved / copy.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+RESULTS_DIR = Path(os.environ.get("EPIC_EXT_BENCH_DIR",
+                                  Path(__file__).resolve().parent / "results"))
+SCHEMA = 1
+MEMORY_FRACTION = 0.4  # skip a case whose estimated footprint exceeds this share of free memory
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# (rtol, atol) when comparing an output with the eager baseline. The low-precision atol is about one
+# ulp near 1: the eager mean token is summed and divided in the storage dtype, the kernels in fp32.
+TOLERANCES = {torch.float32: (1.3e-6, 1e-5), torch.bfloat16: (1.6e-2, 1e-2),
+              torch.float16: (1e-3, 1e-3), torch.float64: (1e-7, 1e-7)}
+
+# Datasheet memory bandwidth (bytes/s) of the GPUs the project targets (DESIGN.md section 5).
+DATASHEET_BW = (("H200", 4.8e12), ("H100 80GB HBM3", 3.35e12), ("H100 SXM", 3.35e12))
+
+
+# --------------------------------------------------------------------------------------------
+# devices, synchronisation, memory
+# --------------------------------------------------------------------------------------------
+
+def pick_device(name: str | None = None) -> torch.device:
+    """'auto'/None: the current CUDA device when one is visible, else the CPU."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes a new allocation could still get on `device`."""
+    gc.collect()
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # Memory the caching allocator holds but does not use is ours to reuse.
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 34
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    mean_ms: float
+    reps: int
+
+    def as_dict(self) -> dict:
+        return {"median_ms": self.median_ms, "min_ms": self.min_ms, "mean_ms": self.mean_ms,
+                "reps": self.reps}
+
+
+_flush_buffers: dict[str, torch.Tensor] = {}
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    key = str(device)
+    if key not in _flush_buffers:
+        size = 64 << 20
+        if device.type == "cuda":
+            size = 256 << 20
+            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0
+            if l2:
+                size = max(2 * l2, 32 << 20)
+        _flush_buffers[key] = torch.empty(size, dtype=torch.uint8, device=device)
+    return _flush_buffers[key]
+
+
+def measure(fn: Callable[[], Any], device: torch.device, *, budget_s: float = 0.5,
+            min_reps: int = 5, max_reps: int = 200, flush: bool | None = None) -> Timing:
+    """Median and minimum of `fn()` over repeated runs.
+
+    One untimed call, one timed call to estimate the cost, about 10% of the budget of warmup, then
+    as many repetitions as fit the budget, clamped to [min_reps, max_reps]. `flush` (default: on
+    CUDA only) zeroes a buffer larger than the last-level cache before each repetition, untimed.
+    """
+    if flush is None:
+        flush = device.type == "cuda"
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    est = max(time.perf_counter() - t0, 1e-6)
+    for _ in range(min(25, int(0.1 * budget_s / est))):
+        fn()
+    sync(device)
+    reps = max(min_reps, min(max_reps, int(budget_s / est)))
+    buf = _flush_buffer(device) if flush else None
+    times: list[float] = []
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            if buf is not None:
+                buf.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    else:
+        for _ in range(reps):
+            if buf is not None:
+                buf.zero_()
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(times), min(times), statistics.fmean(times), reps)
+
+
+def copy_bandwidth(nbytes: int, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                   *, budget_s: float = 0.5, flush: bool | None = None, stat: str = "min") -> float:
+    """Bytes/s of `dst.copy_(src)` into a preallocated buffer, read + written bytes = nbytes.
+
+    stat="min" (default) uses the fastest repetition: the copy is the ceiling the kernels are held
+    to, and on a shared or small CPU machine its median picks up scheduler stalls (on a GPU the
+    two agree within a few percent); stat="median" uses the median."""
+    device = torch.device(device)
+    elem = torch.empty((), dtype=dtype).element_size()
+    n = max(1, int(nbytes) // (2 * elem))
+    src = torch.ones(n, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    t = measure(lambda: dst.copy_(src), device, budget_s=budget_s, flush=flush)
+    return 2 * n * elem / ((t.min_ms if stat == "min" else t.median_ms) * 1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# machine identity
+# --------------------------------------------------------------------------------------------
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            import subprocess
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True, timeout=5).stdout.strip() or platform.processor()
+        except Exception:  # noqa: BLE001
+            pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def datasheet_bandwidth(gpu_name: str) -> float | None:
+    for pattern, bw in DATASHEET_BW:
+        if pattern.lower() in gpu_name.lower():
+            return bw
+    return None
+
+
+def machine_info(device: torch.device | str | None = None) -> dict:
+    """Identity of the machine a result belongs to; no host name, nothing personal."""
+    device = pick_device(device if isinstance(device, str) or device is None else str(device))
+    cpu, cores = _cpu_model(), _cpu_cores()
+    info = {
+        "device_type": device.type,
+        "cpu": cpu,
+        "cpu_cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "os": f"{platform.system()} {platform.machine()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        # thread settings change CPU timings a lot (OpenMP wake-ups on small VMs): record them
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+                                           "KMP_BLOCKTIME", "MKL_NUM_THREADS",
+                                           "CUDA_VISIBLE_DEVICES", "EPIC_EXT_BACKEND")
+                if k in os.environ},
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name = torch.cuda.get_device_name(device)
+        info.update({
+            "gpu": name,
+            "gpu_memory_bytes": int(props.total_memory),
+            "gpu_sm_count": int(props.multi_processor_count),
+            "gpu_capability": f"{props.major}.{props.minor}",
+            "gpu_l2_bytes": int(getattr(props, "L2_cache_size", 0) or 0),
+            "cuda_runtime": torch.version.cuda or torch.version.hip,
+            "gpu_count": torch.cuda.device_count(),
+            "datasheet_bw": datasheet_bandwidth(name),
+        })
+        info["name"] = name
+        info["slug"] = _slug(name)
+    else:
+        info["name"] = f"{cpu} ({cores} cores)"
+        info["slug"] = f"cpu-{_slug(cpu)}-{cores}c"
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# results files
+# --------------------------------------------------------------------------------------------
+
+def result_path(bench: str, slug: str, out_dir: Path | str | None = None) -> Path:
+    return Path(out_dir or RESULTS_DIR) / f"{bench}_{slug}.json"
+
+
+def write_results(bench: str, rows: list[dict], machine: dict, config: dict | None = None,
+                  out_dir: Path | str | None = None) -> Path:
+    """benchmarks/results/<bench>_<machine-slug>.json, written atomically (temp file + rename)."""
+    path = result_path(bench, machine["slug"], out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import epic_ext
+        backends = epic_ext.backends() if hasattr(epic_ext, "backends") else None
+    except Exception:  # noqa: BLE001
+        backends = None
+    doc = {
+        "schema": SCHEMA,
+        "bench": bench,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "machine": machine,
+        "backends": backends,
+        "config": config or {},
+        "rows": rows,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def load_results(slug: str | None = None, out_dir: Path | str | None = None) -> list[dict]:
+    """Every result document in the results folder (of one machine when `slug` is given)."""
+    docs = []
+    for p in sorted(Path(out_dir or RESULTS_DIR).glob("*.json")):
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(doc, dict) or "rows" not in doc:
+            continue
+        if slug is not None and doc.get("machine", {}).get("slug") != slug:
+            continue
+        doc["_path"] = str(p)
+        docs.append(doc)
+    return docs
