@@ -3,7 +3,7 @@ kernels, or the pure-PyTorch reference.
 
 Every backend module exposes the same functions with the same signatures (see
 csrc/include/epic/ops.h): select_topk, iqr_select, gather_merge, gather_merge_backward,
-compress_topk. Importing epic_ext never fails because one is missing; `backends()` says why.
+compress_topk, kl_div (the reference names it kl_div_fwd). Importing epic_ext never fails because one is missing; `backends()` says why.
 
 Selection order for a tensor's device, unless forced:
   cpu tensors  -> "cpu" (epic_ext._C.cpu) else "reference"
@@ -83,6 +83,10 @@ def backends() -> dict[str, dict]:
     return out
 
 
+def _forced_name() -> str | None:
+    return forced()
+
+
 def forced() -> str | None:
     name = getattr(_state, "forced", None) or os.environ.get("EPIC_EXT_BACKEND") or None
     if name is not None and name not in NAMES:
@@ -127,4 +131,12 @@ def resolve(device: torch.device) -> str:
 def kernel(op: str, device: torch.device):
     """The function implementing `op` for tensors on `device`, and the backend's name."""
     name = resolve(device)
-    return getattr(_load(name)[0], op), name
+    module = _load(name)[0]
+    if name == "reference" and op == "kl_div":
+        op = "kl_div_fwd"  # reference.kl_div is the user-level spec; the kernel contract differs
+    fn = getattr(module, op, None)
+    if fn is None:  # a backend that lacks this op (e.g. a kernel not yet written for it)
+        if _forced_name() == name:
+            raise RuntimeError(f"backend {name!r} has no {op} kernel")
+        return getattr(_load("reference")[0], "kl_div_fwd" if op == "kl_div" else op), "reference"
+    return fn, name

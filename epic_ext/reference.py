@@ -196,3 +196,97 @@ def trim_eager(tokens: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tens
     n_unsel = unselected.sum(dim=1).clamp(min=1)
     mean = (tokens * unselected).sum(dim=1) / n_unsel
     return torch.cat([kept, mean.unsqueeze(1).to(tokens.dtype)], dim=1)
+
+
+# --------------------------------------------------------------------------- KL divergence
+
+KL_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def kl_div_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+                reverse: bool = False) -> torch.Tensor:
+    """Per-row KL between softmax(teacher / tau) and softmax(student / tau), times tau^2.
+
+    forward (reverse=False): KL(p_t || p_s) = sum_v p_t (log p_t - log p_s), the distillation
+    direction; reverse: KL(p_s || p_t). Terms whose target probability is 0 (logit -inf)
+    contribute 0. Rows [T, V] -> [T], fp32 (fp64 for fp64 logits).
+    """
+    acc = _opmath(student.dtype)
+    log_s = torch.log_softmax(student.to(acc) / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher.to(acc) / temperature, dim=-1)
+    log_p, log_q = (log_s, log_t) if reverse else (log_t, log_s)
+    p = log_p.exp()
+    # Mask the log-ratio before the product too, so that autograd never forms 0 * inf.
+    has_mass = p > 0
+    ratio = torch.where(has_mass, log_p - log_q, torch.zeros_like(p))
+    terms = torch.where(has_mass, p * ratio, torch.zeros_like(p))
+    return terms.sum(dim=-1) * (temperature ** 2)
+
+
+def kl_normaliser(row_mask: torch.Tensor, vocab: int, reduction: str) -> torch.Tensor:
+    """Divisor of the summed loss: masked-in rows (batchmean), rows * V (mean), 1 (sum)."""
+    rows = row_mask.sum().to(torch.float32)
+    if reduction == "batchmean":
+        return rows
+    if reduction == "mean":
+        return rows * vocab
+    return torch.ones((), dtype=torch.float32, device=row_mask.device)
+
+
+def kl_div(student: torch.Tensor, teacher: torch.Tensor, row_mask: torch.Tensor | None = None,
+           temperature: float = 1.0, reduction: str = "batchmean",
+           reverse: bool = False) -> torch.Tensor:
+    """Masked, reduced KL over rows [T, V]: the spec of epic_ext.kl_div. Rows with mask False
+    contribute nothing; with no row selected every reduction gives 0 (never NaN)."""
+    per_row = kl_div_rows(student, teacher, temperature, reverse)
+    if row_mask is None:
+        row_mask = torch.ones(per_row.shape, dtype=torch.bool, device=per_row.device)
+    per_row = torch.where(row_mask, per_row, torch.zeros_like(per_row))
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    norm = kl_normaliser(row_mask, student.shape[-1], reduction).to(total.dtype)
+    return torch.where(norm > 0, total / norm.clamp(min=1), torch.zeros_like(total))
+
+
+def kl_div_fwd(student: torch.Tensor, teacher: torch.Tensor, row_mask: torch.Tensor | None,
+               temperature: float, reduction: int, reverse: bool, compute_grad: bool,
+               inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KL kernel contract (see csrc/include/epic/ops.h): (loss, d loss / d student).
+
+    reduction codes: 0 none ([T] per-row loss), 1 sum, 2 mean, 3 batchmean (0-d). The gradient
+    already carries 1 / normaliser and is zero for masked-out rows; forward KL gives
+    tau (p_s - p_t), reverse tau p_s (log p_s - log p_t - KL). Written explicitly (this runs
+    below autograd)."""
+    T, V = student.shape
+    name = KL_REDUCTIONS_BY_CODE[reduction]
+    mask = row_mask if row_mask is not None else torch.ones(T, dtype=torch.bool, device=student.device)
+    acc = _opmath(student.dtype)
+    per_row = kl_div_rows(student, teacher, temperature, reverse).to(acc)
+    per_row = torch.where(mask, per_row, torch.zeros_like(per_row))
+    norm = kl_normaliser(mask, V, name).to(acc)
+    if name == "none":
+        loss = per_row.float()
+    else:
+        loss = torch.where(norm > 0, per_row.sum() / norm.clamp(min=1), torch.zeros_like(norm)).float()
+    if not compute_grad:
+        return loss, student.new_empty(0)
+    log_s = torch.log_softmax(student.to(acc) / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher.to(acc) / temperature, dim=-1)
+    p_s = log_s.exp()
+    if reverse:
+        kl = (per_row / temperature ** 2).unsqueeze(-1)
+        grad = torch.where(p_s > 0, p_s * (log_s - log_t - kl), torch.zeros_like(p_s))
+    else:
+        grad = p_s - log_t.exp()
+    scale = torch.where(norm > 0, 1.0 / norm.clamp(min=1), torch.zeros_like(norm))
+    if name == "none":
+        scale = torch.ones_like(scale)
+    grad = torch.where(mask.unsqueeze(-1), grad * (temperature * scale), torch.zeros_like(grad))
+    grad = grad.to(student.dtype)
+    if inplace:
+        return loss, student.copy_(grad)
+    return loss, grad
+
+
+KL_REDUCTIONS_BY_CODE = {0: "none", 1: "sum", 2: "mean", 3: "batchmean"}

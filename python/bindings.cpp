@@ -35,6 +35,8 @@ PYBIND11_MODULE(_C, m) {
           "counts"_a, "merge"_a, "weights"_a, "n_tokens"_a);
   cpu.def("compress_topk", &epic::compress_topk_cpu, "tokens"_a, "scores"_a, "k"_a, "merge"_a,
           "weights"_a);
+  cpu.def("kl_div", &epic::kl_div_cpu, "student"_a, "teacher"_a, "row_mask"_a, "temperature"_a,
+          "reduction"_a, "reverse"_a, "compute_grad"_a, "inplace"_a);
 
 #ifdef EPIC_WITH_CUDA
   auto cuda = m.def_submodule("cuda", "CUDA kernels");

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <optional>
 
@@ -86,6 +87,35 @@ inline void check_idx(const at::Tensor& idx, const at::Tensor& tokens,
 
 inline void check_k(int64_t k, int64_t n) {
   TORCH_CHECK_VALUE(k >= 0 && k <= n, "k must be in [0, N] = [0, ", n, "], got ", k);
+}
+
+inline void check_kl_inputs(const at::Tensor& student, const at::Tensor& teacher,
+                            const std::optional<at::Tensor>& row_mask, double temperature,
+                            int64_t reduction, bool inplace) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "student logits must be 2-D [T, V], got ", student.sizes());
+  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "teacher logits must match student ",
+                    student.sizes(), ", got ", teacher.sizes());
+  TORCH_CHECK_TYPE(is_float_dtype(student.scalar_type()), "student logits must be floating, got ",
+                   student.scalar_type());
+  TORCH_CHECK_TYPE(teacher.scalar_type() == student.scalar_type(),
+                   "teacher logits must have the student's dtype ", student.scalar_type(), ", got ",
+                   teacher.scalar_type());
+  TORCH_CHECK_VALUE(teacher.device() == student.device(), "teacher logits must be on ",
+                    student.device(), ", got ", teacher.device());
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature),
+                    "temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK_VALUE(reduction >= kReduceNone && reduction <= kReduceBatchMean,
+                    "reduction code must be 0..3, got ", reduction);
+  TORCH_CHECK_VALUE(!inplace || (student.stride(1) == 1 || student.size(1) <= 1),
+                    "inplace needs student logits with a unit last stride");
+  if (row_mask.has_value()) {
+    TORCH_CHECK_VALUE(row_mask->dim() == 1 && row_mask->size(0) == student.size(0),
+                      "mask must be [T] = [", student.size(0), "], got ", row_mask->sizes());
+    TORCH_CHECK_TYPE(row_mask->scalar_type() == at::kBool, "mask must be bool, got ",
+                     row_mask->scalar_type());
+    TORCH_CHECK_VALUE(row_mask->device() == student.device(), "mask must be on ",
+                      student.device(), ", got ", row_mask->device());
+  }
 }
 
 }  // namespace epic

@@ -16,6 +16,8 @@ namespace epic {
 
 // Merge modes shared by the Python layer (epic_ext/ops.py keeps the same numbering).
 enum MergeMode : int64_t { kMergeNone = 0, kMergeMean = 1, kMergeWeighted = 2 };
+// KL reductions (epic_ext/kl.py keeps the same numbering).
+enum Reduction : int64_t { kReduceNone = 0, kReduceSum = 1, kReduceMean = 2, kReduceBatchMean = 3 };
 
 EPIC_HD uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)

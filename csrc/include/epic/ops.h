@@ -16,6 +16,12 @@
 //   gather_merge_backward(grad_out, idx, counts?, merge, weights?, N) -> grad_tokens[B,N,D].
 //   compress_topk(tokens, scores, k, merge, weights?) -> (out, idx): select_topk + gather_merge in
 //       one kernel.
+//   kl_div(student[T,V], teacher[T,V], row_mask[T]?, temperature, reduction, reverse, compute_grad,
+//          inplace) -> (loss, grad): loss is [T] fp32 (reduction none) or a 0-d fp32 tensor;
+//       tau^2 KL(p_t || p_s) (reverse: KL(p_s || p_t)) with p = softmax(logits / tau); grad is
+//       d loss / d student already divided by the normaliser (rows for batchmean, rows * V for
+//       mean), zero for masked-out rows, in the logits' dtype (written over student if inplace),
+//       or an empty tensor when compute_grad is false.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,6 +43,11 @@ std::tuple<at::Tensor, at::Tensor> compress_topk_cpu(const at::Tensor& tokens,
                                                      const at::Tensor& scores, int64_t k,
                                                      int64_t merge,
                                                      const std::optional<at::Tensor>& weights);
+
+std::tuple<at::Tensor, at::Tensor> kl_div_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                              const std::optional<at::Tensor>& row_mask,
+                                              double temperature, int64_t reduction, bool reverse,
+                                              bool compute_grad, bool inplace);
 
 #ifdef EPIC_WITH_CUDA
 at::Tensor select_topk_cuda(const at::Tensor& scores, int64_t k);
