@@ -153,8 +153,9 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None =
     lead = student_logits.shape[:-1]
     V = student_logits.shape[-1]
     row_mask = _rows_mask(mask, labels, ignore_index, lead, student_logits.device)
-    student = student_logits.reshape(-1, V)
-    teacher = teacher_logits.reshape(-1, V)
+    rows = math.prod(lead)  # explicit: reshape(-1, 0) is ambiguous when V == 0
+    student = student_logits.reshape(rows, V)
+    teacher = teacher_logits.reshape(rows, V)
     wants_grad = torch.is_grad_enabled() and student_logits.requires_grad
 
     def run():
@@ -270,7 +271,8 @@ def fused_linear_kl(student_hidden: Tensor, teacher_hidden: Tensor, weight: Tens
     tau, code, reverse = _check_options(temperature, reduction, direction)
     lead = student_hidden.shape[:-1]
     row_mask = _rows_mask(mask, labels, ignore_index, lead, student_hidden.device)
-    h_s, h_t = student_hidden.reshape(-1, H), teacher_hidden.detach().reshape(-1, H)
+    rows = math.prod(lead)
+    h_s, h_t = student_hidden.reshape(rows, H), teacher_hidden.detach().reshape(rows, H)
     V = weight.shape[0]
     if chunk_size is None:
         chunk_size = max(1, (256 << 20) // (4 * max(V, 1)))

@@ -244,9 +244,9 @@ std::tuple<at::Tensor, at::Tensor> kl_div_cpu(const at::Tensor& student_in,
 
   at::Tensor grad;
   if (compute_grad) grad = inplace ? student_in : new_output({T, V}, student.options());
-  std::vector<double> losses(T, 0.0);
+  std::vector<double> losses(T, 0.0);  // V == 0: every row's KL is 0 (an empty sum)
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kl_div_cpu", [&] {
+  if (V > 0) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kl_div_cpu", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* sp = student.data_ptr<scalar_t>();
     const scalar_t* tp = teacher.data_ptr<scalar_t>();
