@@ -6,6 +6,13 @@ flushed before each one by zeroing a buffer twice its size, outside the events);
 `time.perf_counter`, after the call returned. A measurement warms up first, then repeats the call
 until a time budget is spent (within [min_reps, max_reps]) and reports the median and the minimum.
 
+A callable may carry a `setup` attribute (a zero-argument function, see `with_setup`): it is run
+before every call, untimed (e.g. a fresh clone of an input that the call overwrites).
+
+Peak memory (`peak_memory`): bytes allocated during one call beyond what existed before it; on CUDA
+from the caching allocator's peak counter, on the CPU from the allocation events of the PyTorch
+profiler (profile_memory=True), replayed in time order.
+
 Achieved bandwidth = (minimum bytes the op must move, per DESIGN.md section 5) / median time. It is
 reported next to the bandwidth of a plain `dst.copy_(src)` whose read + written bytes equal the
 same number, timed the same way in the same run (its fastest repetition: the ceiling), as
@@ -110,6 +117,20 @@ class Timing:
                 "reps": self.reps}
 
 
+def with_setup(fn: Callable[[], Any], setup: Callable[[], Any]) -> Callable[[], Any]:
+    """Attach an untimed per-call `setup` to `fn` (honoured by `call`, `measure`, `peak_memory`)."""
+    fn.setup = setup
+    return fn
+
+
+def call(fn: Callable[[], Any]) -> Any:
+    """fn(), after its `setup` (if any)."""
+    setup = getattr(fn, "setup", None)
+    if setup is not None:
+        setup()
+    return fn()
+
+
 _flush_buffers: dict[str, torch.Tensor] = {}
 
 
@@ -136,14 +157,18 @@ def measure(fn: Callable[[], Any], device: torch.device, *, budget_s: float = 0.
     """
     if flush is None:
         flush = device.type == "cuda"
-    fn()
+    setup = getattr(fn, "setup", None)
+    call(fn)
     sync(device)
+    if setup is not None:
+        setup()
+        sync(device)
     t0 = time.perf_counter()
     fn()
     sync(device)
     est = max(time.perf_counter() - t0, 1e-6)
     for _ in range(min(25, int(0.1 * budget_s / est))):
-        fn()
+        call(fn)
     sync(device)
     reps = max(min_reps, min(max_reps, int(budget_s / est)))
     buf = _flush_buffer(device) if flush else None
@@ -152,6 +177,8 @@ def measure(fn: Callable[[], Any], device: torch.device, *, budget_s: float = 0.
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for i in range(reps):
+            if setup is not None:
+                setup()
             if buf is not None:
                 buf.zero_()
             starts[i].record()
@@ -161,12 +188,82 @@ def measure(fn: Callable[[], Any], device: torch.device, *, budget_s: float = 0.
         times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
     else:
         for _ in range(reps):
+            if setup is not None:
+                setup()
             if buf is not None:
                 buf.zero_()
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return Timing(statistics.median(times), min(times), statistics.fmean(times), reps)
+
+
+# The CPU profiler (Kineto) prints a start/stop trace line, and on a CUDA build without a GPU an
+# error about the device count, straight to file descriptor 2 each time it runs; only these lines
+# are held back, everything else written meanwhile is passed on.
+_PROFILER_NOISE = re.compile(r"^(USDT|ERROR|WARNING|INFO):\S* .*(profiler_start|profiler_stop|"
+                             r"gpuGetDeviceCount)")
+
+
+class _QuietProfilerNoise:
+    def __enter__(self):
+        sys.stderr.flush()
+        self._tmp = tempfile.TemporaryFile(mode="w+b")
+        self._saved = os.dup(2)
+        os.dup2(self._tmp.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._tmp.seek(0)
+        text = self._tmp.read().decode(errors="replace")
+        self._tmp.close()
+        kept = [ln for ln in text.splitlines(keepends=True) if not _PROFILER_NOISE.match(ln)]
+        if kept:
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+        return False
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated on `device` during one `fn()` call (its `setup` runs first, outside
+    the measurement) beyond what was allocated before the call; what the call returns counts.
+
+    CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated
+    before. CPU: torch has no allocator counters for the CPU, so the call runs once under
+    torch.profiler (profile_memory=True); its allocation and free events (every tensor storage
+    the CPU allocator hands out or takes back while the profiler is on; a CPU backward runs on the
+    calling thread) are replayed in time order and the running total's maximum is the peak.
+    Memory taken outside the PyTorch allocator (a kernel's std::vector scratch, say) is not seen."""
+    setup = getattr(fn, "setup", None)
+    if setup is not None:
+        setup()
+    sync(device)
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del out
+        return int(peak)
+    from torch.profiler import ProfilerActivity, profile
+    with _QuietProfilerNoise(), \
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        sync(device)
+        del out
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and str(e.device_type()).rsplit(".", 1)[-1] == "CPU"]
+    events.sort(key=lambda e: e.start_ns())
+    total = peak = 0
+    for e in events:
+        total += e.nbytes()
+        peak = max(peak, total)
+    return int(peak)
 
 
 def copy_bandwidth(nbytes: int, device: torch.device | str, dtype: torch.dtype = torch.float32,

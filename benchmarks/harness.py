@@ -15,8 +15,9 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.common import (DTYPES, MEMORY_FRACTION, RESULTS_DIR, copy_bandwidth, free_memory,
-                               machine_info, measure, release, sync, write_results)
+from benchmarks.common import (DTYPES, MEMORY_FRACTION, RESULTS_DIR, call, copy_bandwidth,
+                               free_memory, machine_info, measure, peak_memory, release, sync,
+                               write_results)
 
 # --------------------------------------------------------------------------------------------
 # command line, case selection
@@ -129,7 +130,8 @@ class Skip(Exception):
 @dataclass
 class Provider:
     name: str
-    # make(case, inputs) -> a zero-argument callable returning the provider's output
+    # make(case, inputs) -> a zero-argument callable returning the provider's output; it may carry
+    # an untimed per-call `setup` (common.with_setup)
     make: Callable[[dict, dict], Callable[[], Any]]
     kind: str = "ours"  # "baseline" or "ours"; eager must be the first provider
     error_note: str = "failed"  # how a provider that raises is reported (the run goes on)
@@ -166,9 +168,11 @@ def _short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:160]}"
 
 
-def header() -> str:
+def header(memory: bool = False) -> str:
+    """memory=True adds the peak-memory columns (rows of a run_bench with memory_unit)."""
+    mem = f" {'peak+MB':>9} {'x unit':>6}" if memory else ""
     return (f"{'case':<36} {'provider':<12} {'median ms':>10} {'min ms':>9} {'vs eager':>8} "
-            f"{'GB/s':>8} {'of copy':>7}  check")
+            f"{'GB/s':>8} {'of copy':>7}{mem}  check")
 
 
 def format_row(r: dict) -> str:
@@ -176,8 +180,13 @@ def format_row(r: dict) -> str:
         return f"{r['case']:<36} {r['provider']:<12} skipped: {r['skipped']}"
     sp = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
     frac = f"{r['frac_copy']:.0%}" if r.get("frac_copy") is not None else "-"
+    mem = ""
+    if "peak_extra_bytes" in r:  # only rows of a run with memory_unit
+        pb, pu = r.get("peak_extra_bytes"), r.get("peak_extra_units")
+        mem = (f" {pb / 2**20:>9.1f}" if pb is not None else f" {'-':>9}") + \
+              (f" {pu:>6.2f}" if pu is not None else f" {'-':>6}")
     return (f"{r['case']:<36} {r['provider']:<12} {r['median_ms']:>10.3f} {r['min_ms']:>9.3f} "
-            f"{sp:>8} {r['gbps']:>8.1f} {frac:>7}  {r.get('check', '')}")
+            f"{sp:>8} {r['gbps']:>8.1f} {frac:>7}{mem}  {r.get('check', '')}")
 
 
 def side_by_side(rows: list[dict], title: str = "") -> str:
@@ -220,12 +229,18 @@ def run_bench(bench: str, cases: list[Case], providers: list[Provider], *,
               bytes_moved: Callable[[Case], int],
               mem_need: Callable[[Case], int],
               copy_dtype: Callable[[Case], torch.dtype],
-              args: argparse.Namespace, device: torch.device) -> list[dict]:
+              args: argparse.Namespace, device: torch.device,
+              memory_unit: Callable[[Case], int] | None = None,
+              min_reps: int = 5) -> list[dict]:
     """Run every provider on every case; print rows as they come, then the side-by-side table;
-    write the JSON file unless --no-json. Returns the rows."""
+    write the JSON file unless --no-json. Returns the rows.
+
+    memory_unit: when given, every timed provider is also run once more for its peak memory above
+    what existed before the call (common.peak_memory), stored as peak_extra_bytes and as
+    peak_extra_units = bytes / memory_unit(case) (e.g. one [T, V] buffer).
+    min_reps: the fewest timed repetitions per measurement (for cases of seconds a call)."""
     budget = args.budget if args.budget is not None else (0.3 if args.quick else 1.0)
     max_reps = args.max_reps or (100 if device.type == "cpu" else 500)
-    min_reps = 5
     machine = machine_info(device)
     peak = machine.get("datasheet_bw")
     print(f"== {bench}: {machine['name']}, torch {torch.__version__}, device {device}, "
@@ -236,7 +251,7 @@ def run_bench(bench: str, cases: list[Case], providers: list[Provider], *,
     time_baseline = provider_wanted(baseline.name, args.providers)
     names = ([baseline.name] if time_baseline else []) + [p.name for p in active]
     print("providers:", ", ".join(names))
-    print(header())
+    print(header(memory_unit is not None))
     rows: list[dict] = []
     for case in cases:
         base = {"bench": bench, "case": case.label, "shape": dict(case.shape), "dtype": case.dtype,
@@ -252,7 +267,7 @@ def run_bench(bench: str, cases: list[Case], providers: list[Provider], *,
         try:
             inputs = make_inputs(case, device)
             ref_fn = baseline.make(case, inputs)
-            ref = ref_fn()
+            ref = call(ref_fn)
             sync(device)
         except Exception as e:  # noqa: BLE001  (out of memory, or the baseline cannot run)
             why = "out of memory" if isinstance(e, torch.OutOfMemoryError) else "baseline failed"
@@ -275,7 +290,7 @@ def run_bench(bench: str, cases: list[Case], providers: list[Provider], *,
             try:
                 fn = ref_fn if prov is baseline else prov.make(case, inputs)
                 t0 = time.perf_counter()
-                out = fn()
+                out = call(fn)
                 sync(device)
                 r["first_call_ms"] = (time.perf_counter() - t0) * 1e3
                 if prov is baseline:
@@ -302,6 +317,15 @@ def run_bench(bench: str, cases: list[Case], providers: list[Provider], *,
                 if prov is baseline:
                     eager_ms = t.median_ms
                 r["speedup"] = eager_ms / t.median_ms if eager_ms else None
+                if memory_unit is not None:
+                    r["peak_extra_bytes"] = r["peak_extra_units"] = None
+                    try:
+                        release(device)
+                        r["peak_extra_bytes"] = peak_memory(fn, device)
+                        r["mem_unit_bytes"] = unit = memory_unit(case)
+                        r["peak_extra_units"] = r["peak_extra_bytes"] / unit if unit else None
+                    except Exception as e:  # noqa: BLE001  (the timing stands without it)
+                        r["memory_error"] = _short_error(e)
             rows.append(r)
             print(format_row(r), flush=True)
             release(device)
@@ -316,6 +340,10 @@ def run_bench(bench: str, cases: list[Case], providers: list[Provider], *,
                   "argv": sys.argv[1:], "shapes": args.shapes, "providers": args.providers,
                   "timing": "median and min over repetitions; GB/s from the median",
                   "copy_yardstick": "fastest repetition of dst.copy_(src), read+written = bytes"}
+        if memory_unit is not None:
+            config["peak_memory"] = ("peak bytes allocated during one call above those allocated "
+                                     "before it (CUDA: max_memory_allocated; CPU: replay of the "
+                                     "profiler's allocation events)")
         path = write_results(bench, rows, machine, config, args.out_dir)
         print(f"wrote {path}")
     return rows

@@ -51,33 +51,51 @@ def _(student, teacher, row_mask, temperature, reduction, reverse, compute_grad)
 def _kl_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.per_row = inputs[4] == 0
+    ctx.consumed = False
+    ctx.set_materialize_grads(False)  # the gradient output is never differentiated: no zeros
+
+
+def _scale_stored_grad(ctx, grad, grad_loss):
+    """grad * grad_output, written over the stored gradient so that the backward allocates no
+    second [T, V] buffer. That buffer is then spent: a second backward through the same loss
+    (retain_graph=True) would be wrong, so it raises instead."""
+    scale = (grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss).to(grad.dtype)
+    if torch.compiler.is_compiling():
+        return grad * scale
+    if ctx.consumed:
+        raise RuntimeError("epic_ext.kl_div: a second backward through the same loss is not "
+                           "supported (the gradient stored by the forward is scaled in place); "
+                           "recompute the loss instead of using retain_graph=True")
+    ctx.consumed = True
+    return grad.mul_(scale)
 
 
 def _kl_backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
-    scale = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
-    return grad * scale.to(grad.dtype), None, None, None, None, None, None
+    return _scale_stored_grad(ctx, grad, grad_loss), None, None, None, None, None, None
 
 
 _kl_div.register_autograd(_kl_backward, setup_context=_kl_setup)
 
 
-class _KLInplace(torch.autograd.Function):
-    """Eager in-place variant: the gradient overwrites the student logits' buffer."""
+class _KLEager(torch.autograd.Function):
+    """Eager autograd path: the only [T, V] buffer is the gradient the forward computed (or the
+    student logits themselves with inplace=True); backward scales it in place and hands it over.
+    (The registered op's autograd wrapper costs one more buffer; it serves torch.compile.)"""
 
     @staticmethod
-    def forward(ctx, student, teacher, row_mask, temperature, reduction, reverse):
+    def forward(ctx, student, teacher, row_mask, temperature, reduction, reverse, inplace):
         loss, grad = _kl_impl(student.detach(), teacher, row_mask, temperature, reduction, reverse,
-                              True, True)
+                              True, inplace)
         ctx.save_for_backward(grad)
         ctx.per_row = reduction == 0
+        ctx.consumed = False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        scale = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
-        return grad.mul_(scale.to(grad.dtype)), None, None, None, None, None
+        return _scale_stored_grad(ctx, grad, grad_loss), None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- validation
@@ -159,17 +177,16 @@ def kl_div(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None =
     wants_grad = torch.is_grad_enabled() and student_logits.requires_grad
 
     def run():
-        if inplace:
-            if torch.compiler.is_compiling():
-                raise ValueError("inplace=True is eager-only; use inplace=False under torch.compile")
-            if not wants_grad:
-                return _kl_impl(student, teacher, row_mask, tau, code, reverse, False)[0]
-            if student.data_ptr() != student_logits.data_ptr() or not student.is_contiguous():
-                raise ValueError("inplace=True needs contiguous student_logits")
-            return _KLInplace.apply(student, teacher, row_mask, tau, code, reverse)
-        if not wants_grad and not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if inplace and compiling:
+            raise ValueError("inplace=True is eager-only; use inplace=False under torch.compile")
+        if compiling:
+            return _kl_div(student, teacher, row_mask, tau, code, reverse, wants_grad)[0]
+        if not wants_grad:
             return _kl_impl(student, teacher, row_mask, tau, code, reverse, False)[0]
-        return _kl_div(student, teacher, row_mask, tau, code, reverse, wants_grad)[0]
+        if inplace and (student.data_ptr() != student_logits.data_ptr() or not student.is_contiguous()):
+            raise ValueError("inplace=True needs contiguous student_logits")
+        return _KLEager.apply(student, teacher, row_mask, tau, code, reverse, inplace)
 
     if backend is None:
         loss = run()
@@ -229,6 +246,7 @@ class _FusedLinearKL(torch.autograd.Function):
             total = torch.stack(losses).sum() if losses else torch.zeros((), device=h_s.device)
             loss = total * inv
         ctx.per_row = code == 0
+        ctx.consumed = False
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return loss
@@ -238,10 +256,14 @@ class _FusedLinearKL(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         if ctx.per_row:
             raise NotImplementedError("fused_linear_kl with reduction='none' is forward-only")
+        if ctx.consumed:
+            raise RuntimeError("epic_ext.fused_linear_kl: a second backward through the same loss "
+                               "is not supported (stored gradients are scaled in place)")
+        ctx.consumed = True
         g = grad_loss
-        gh = grad_h * g.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * g).to(ctx.dtypes[0]) if grad_w is not None else None
-        gb = (grad_b * g).to(ctx.dtypes[1]) if grad_b is not None else None
+        gh = grad_h.mul_(g.to(grad_h.dtype)) if grad_h is not None else None
+        gw = grad_w.mul_(g).to(ctx.dtypes[0]) if grad_w is not None else None
+        gb = grad_b.mul_(g).to(ctx.dtypes[1]) if grad_b is not None else None
         return gh, None, gw, gb, None, None, None, None, None
 
 
@@ -252,7 +274,7 @@ def fused_linear_kl(student_hidden: Tensor, teacher_hidden: Tensor, weight: Tens
                     direction: str = "forward", chunk_size: int | None = None,
                     backend: str | None = None) -> Tensor:
     """kl_div(student_hidden @ weight.T + bias, teacher_hidden @ weight.T + bias) without ever
-    holding more than `chunk_size` rows of logits (default: about 256 MiB of fp32 logits per
+    holding more than `chunk_size` rows of logits (default: about 64 MiB of fp32 logits per
     chunk). Hidden states [..., H]; weight [V, H] (the shared LM head). Gradients flow to
     student_hidden, weight and bias; the teacher side gets none. reduction "none" is forward-only.
     """
@@ -275,7 +297,7 @@ def fused_linear_kl(student_hidden: Tensor, teacher_hidden: Tensor, weight: Tens
     h_s, h_t = student_hidden.reshape(rows, H), teacher_hidden.detach().reshape(rows, H)
     V = weight.shape[0]
     if chunk_size is None:
-        chunk_size = max(1, (256 << 20) // (4 * max(V, 1)))
+        chunk_size = max(1, (64 << 20) // (4 * max(V, 1)))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if backend is None:

@@ -228,3 +228,14 @@ def test_fused_linear_kl(kl_backend, chunk, reduction):
     for got, ref in ((hs.grad, hs64.grad), (w.grad, w64.grad), (bb.grad, b64.grad)):
         torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-4, atol=1e-6)
     assert ht.grad is None
+
+
+def test_kl_second_backward_raises_instead_of_a_wrong_gradient(kl_backend):
+    dev = kl_backend[1]
+    gen = torch.Generator().manual_seed(15)
+    s = logits(3, 40, torch.float32, gen).to(dev).requires_grad_()
+    t = logits(3, 40, torch.float32, gen).to(dev)
+    loss = epic_ext.kl_div(s, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward|modified by an inplace operation"):
+        loss.backward()
