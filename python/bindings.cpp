@@ -48,5 +48,7 @@ PYBIND11_MODULE(_C, m) {
            "counts"_a, "merge"_a, "weights"_a, "n_tokens"_a);
   cuda.def("compress_topk", &epic::compress_topk_cuda, "tokens"_a, "scores"_a, "k"_a, "merge"_a,
            "weights"_a);
+  cuda.def("kl_div", &epic::kl_div_cuda, "student"_a, "teacher"_a, "row_mask"_a, "temperature"_a,
+           "reduction"_a, "reverse"_a, "compute_grad"_a, "inplace"_a);
 #endif
 }

@@ -63,6 +63,10 @@ std::tuple<at::Tensor, at::Tensor> compress_topk_cuda(const at::Tensor& tokens,
                                                       const at::Tensor& scores, int64_t k,
                                                       int64_t merge,
                                                       const std::optional<at::Tensor>& weights);
+std::tuple<at::Tensor, at::Tensor> kl_div_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                               const std::optional<at::Tensor>& row_mask,
+                                               double temperature, int64_t reduction, bool reverse,
+                                               bool compute_grad, bool inplace);
 #endif
 
 }  // namespace epic
