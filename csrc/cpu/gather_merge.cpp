@@ -10,10 +10,6 @@
 #include <cstring>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "cpu_kernels.h"
 #include "epic/checks.h"
 #include "epic/ops.h"
@@ -38,21 +34,6 @@ template <>
 struct Acc<double> {
   using type = double;
 };
-
-// Fresh CPU outputs of several MiB are page-faulted 4 KiB at a time on first write, which costs
-// as much as the kernel itself; ask for transparent huge pages while the pages are untouched.
-void advise_huge_pages(const at::Tensor& t) {
-#ifdef __linux__
-  const size_t bytes = t.numel() * t.element_size();
-  if (bytes < (size_t(8) << 20)) return;
-  const uintptr_t huge = uintptr_t(2) << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + huge - 1) & ~(huge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(huge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
 
 // Per-image bookkeeping produced by phase 1.
 struct Plan {
@@ -230,7 +211,6 @@ at::Tensor gather_merge_cpu(const at::Tensor& tokens_in, const at::Tensor& idx,
   auto out = new_output({B, K + (merge != kMergeNone), D}, tokens_in.options());
   Plan p = plan_from_idx(idx, counts, N);
   if (out.numel() == 0) return out;
-  advise_huge_pages(out);
   const at::Tensor tokens = unit_inner_stride(tokens_in);
   const at::Tensor ic = idx.contiguous();
   const at::Tensor wf = opmath_weights(weights, merge, tokens_in.scalar_type());
@@ -256,7 +236,6 @@ at::Tensor gather_merge_backward_cpu(const at::Tensor& grad_in, const at::Tensor
   auto gx = new_output({B, n_tokens, D}, grad_in.options());
   Plan p = plan_from_idx(idx, counts, n_tokens);
   if (gx.numel() == 0) return gx;
-  advise_huge_pages(gx);
   const at::Tensor g = unit_inner_stride(grad_in);
   const at::Tensor ic = idx.contiguous();
   const at::Tensor wf = opmath_weights(weights, merge, grad_in.scalar_type());
@@ -303,7 +282,6 @@ std::tuple<at::Tensor, at::Tensor> compress_topk_cpu(const at::Tensor& tokens_in
     }
   });
   if (out.numel() == 0) return {out, idx};
-  advise_huge_pages(out);
 
   // Phase 2: gather + merge.
   const at::Tensor tokens = unit_inner_stride(tokens_in);

@@ -9,6 +9,10 @@
 #include <limits>
 #include <optional>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "epic/common.h"
 
 namespace epic {
@@ -17,8 +21,26 @@ namespace epic {
 // (floats) or INT64_MIN / true (ints / bools) so tests prove that kernels write every element.
 inline std::atomic<bool> g_poison_outputs{false};
 
+// Fresh CPU outputs of several MiB are page-faulted 4 KiB at a time on first write, which costs
+// as much as a bandwidth-bound kernel itself; ask for transparent huge pages while untouched.
+inline void advise_huge_pages(const at::Tensor& t) {
+#ifdef __linux__
+  if (!t.device().is_cpu()) return;
+  const size_t bytes = t.numel() * t.element_size();
+  if (bytes < (size_t(8) << 20)) return;
+  const uintptr_t huge = uintptr_t(2) << 20;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (start + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (start + bytes) & ~(huge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
+  advise_huge_pages(t);
   if (g_poison_outputs.load(std::memory_order_relaxed) && t.numel() > 0) {
     if (at::isFloatingType(t.scalar_type()))
       t.fill_(std::numeric_limits<double>::quiet_NaN());
