@@ -1,0 +1,120 @@
+"""Small LLaVA models built from configs, offline (no hub): CLIP vision tower + Llama text model
+with LLaVA-1.5's geometry (336 px, patch 14 -> 576 visual tokens, features from the penultimate
+vision layer, mlp2x_gelu projector). Real checkpoints load with :func:`load_llava` and run
+through the same code.
+
+Presets:
+* ``"tiny"``: 4-layer CLIP (hidden 64) + 4-layer Llama (hidden 128): unit tests, demos.
+* ``"llava-1.5-7b-depth"``: LLaVA-1.5-7B's depth (24-layer CLIP, 32-layer LLM) with small
+  widths (CLIP hidden 64, LLM hidden 512): prefill/decode benchmarks on a CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+PRESETS = {}
+
+
+@dataclass(frozen=True)
+class TinyLlavaSpec:
+    vocab_size: int = 1024
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 256
+    vision_hidden: int = 64
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vision_intermediate: int = 128
+    image_size: int = 336
+    patch_size: int = 14
+    max_positions: int = 2048
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def image_token_id(self) -> int:
+        return self.vocab_size - 1      # the last id; 0 is padding, 1 BOS, 2 EOS
+
+
+PRESETS["tiny"] = TinyLlavaSpec()
+PRESETS["llava-1.5-7b-depth"] = TinyLlavaSpec(text_hidden=512, text_layers=32, text_heads=8, text_kv_heads=8,
+                                              text_intermediate=1376, vision_layers=24)
+
+
+def llava_config(spec: TinyLlavaSpec | str = "tiny", **overrides):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise ValueError(f"spec: unknown preset {spec!r}; presets: {sorted(PRESETS)}")
+        spec = PRESETS[spec]
+    spec = replace(spec, **overrides)
+    vision = CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_intermediate,
+                              num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                              image_size=spec.image_size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden)
+    text = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.text_hidden, num_hidden_layers=spec.text_layers,
+                       num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
+                       intermediate_size=spec.text_intermediate, max_position_embeddings=spec.max_positions,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=spec.image_token_id,
+                      image_seq_length=spec.image_tokens, projector_hidden_act="gelu",
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = 0, 1, 2
+    cfg.epic_spec = asdict(spec)
+    return cfg
+
+
+def build_tiny_llava(spec: TinyLlavaSpec | str = "tiny", *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     attn_implementation: str = "sdpa", device="cpu", **overrides):
+    """A randomly initialised LlavaForConditionalGeneration (eval mode) from a preset."""
+    from transformers import LlavaForConditionalGeneration
+    cfg = llava_config(spec, **overrides)
+    cfg._attn_implementation = attn_implementation
+    for sub in (cfg.vision_config, cfg.text_config):
+        sub._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = 0
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_llava(path: str, *, dtype: torch.dtype = torch.bfloat16, attn_implementation: str = "sdpa", device="cpu"):
+    """A real LLaVA checkpoint (e.g. llava-hf/llava-1.5-7b-hf) from a local folder."""
+    from transformers import LlavaForConditionalGeneration
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                          local_files_only=True)
+    return model.to(device).eval()
+
+
+def random_prompts(model, batch: int, *, text_before=5, text_after=12, pad_to: int | None = None, seed: int = 0,
+                   device="cpu"):
+    """Token ids [B, L] with one image span per row and left padding up to ``pad_to``; rows get
+    different text lengths (so image positions differ per row). Returns (input_ids, attention_mask)."""
+    cfg = model.config
+    n = cfg.image_seq_length
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(batch):
+        before = text_before + i % 3
+        after = text_after + (2 * i) % 5
+        ids = torch.randint(3, cfg.text_config.vocab_size - 1, (before + after,), generator=g)
+        rows.append(torch.cat([torch.tensor([1]), ids[:before], torch.full((n,), cfg.image_token_id), ids[before:]]))
+    length = max(max(len(r) for r in rows), pad_to or 0)
+    input_ids = torch.zeros(batch, length, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def random_pixels(model, batch: int, *, seed: int = 0, device="cpu", dtype=torch.float32):
+    size = model.config.vision_config.image_size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=g).to(device=device, dtype=dtype)

@@ -1,0 +1,231 @@
+"""epic_ext.apply on transformers LLaVA: identity, left padding, cache vs recompute, labels,
+errors. The methods here are test-local (data-dependent but simple) so that this file checks
+the integration; each real method has its own tests under tests/methods/."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import epic_ext.methods as methods_pkg
+from epic_ext.methods import LLMMethodConfig, LLMSelection, MethodConfig, VisionReduction, register_method
+from epic_ext.models import apply, applied_method, revert
+from epic_ext.models.tiny import build_tiny_llava, random_pixels, random_prompts
+
+N_NEW = 4
+
+
+@dataclass
+class _NormCfg(LLMMethodConfig):
+    pass
+
+
+def _norm_topk(ctx, cfg):
+    # Keep the image tokens of largest hidden-state norm: depends on the data and the layer.
+    k = cfg.resolved_keep(ctx.num_image_tokens)
+    score = ctx.image_hidden().float().norm(dim=-1)
+    if ctx.keys is not None:   # also exercise the captured keys / query of layer K-1
+        start = ctx.image_start[:, None] + torch.arange(ctx.num_image_tokens)
+        kk = ctx.keys.float().sum(1)
+        score = score + kk.gather(1, start[..., None].expand(-1, -1, kk.shape[-1])).norm(dim=-1) * 1e-3
+        score = score + ctx.query.float().sum() * 0
+    idx = score.topk(k, dim=1).indices.sort(dim=1).values
+    return LLMSelection(idx)
+
+
+@dataclass
+class _VisCfg(MethodConfig):
+    pass
+
+
+def _vision_topk_plus_mean(ctx, cfg):
+    # k top-norm tokens + one mean token; the last kept slot is invalid for images whose first
+    # feature is positive (a per-image rule), exercising validity masks (adaptive budgets).
+    k = cfg.resolved_keep(ctx.features.shape[1])
+    f = ctx.features
+    idx = f.float().norm(dim=-1).topk(k, dim=1).indices.sort(dim=1).values
+    kept = f.gather(1, idx[..., None].expand(-1, -1, f.shape[-1]))
+    out = torch.cat([kept, f.mean(1, keepdim=True)], dim=1)
+    valid = torch.ones(out.shape[:2], dtype=torch.bool)
+    valid[:, -2] = f[:, 0, 0] <= 0
+    return VisionReduction(out, valid)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _test_methods():
+    methods_pkg._load_all()
+    register_method("test_norm_topk", "llm", _NormCfg)(_norm_topk)
+    register_method("test_vision_topk", "vision", _VisCfg)(_vision_topk_plus_mean)
+    yield
+    methods_pkg._REGISTRY.pop("test_norm_topk")
+    methods_pkg._REGISTRY.pop("test_vision_topk")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_tiny_llava(seed=3)
+
+
+def _inputs(model, batch, seed=0):
+    ids, mask = random_prompts(model, batch, seed=seed)
+    return ids, mask, random_pixels(model, batch, seed=seed)
+
+
+def _positions(mask):
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+CASES = [("none", {}), ("none", {"layer": 2}), ("test_norm_topk", {"keep": 37, "layer": 0}),
+         ("test_norm_topk", {"keep": 100, "layer": 2}), ("test_norm_topk", {"keep": 0.25, "layer": 3}),
+         ("test_vision_topk", {"keep": 50})]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_keep_all_is_identity(attn, layer):
+    model = build_tiny_llava(seed=1, attn_implementation=attn)
+    ids, mask, px = _inputs(model, 3)
+    kw = dict(input_ids=ids, pixel_values=px, attention_mask=mask, position_ids=_positions(mask))
+    with torch.no_grad():
+        ref = model(**kw).logits
+        for method, opts in [("none", {"layer": layer}), ("test_norm_topk", {"keep": 576, "layer": layer})]:
+            apply(model, method, **opts)
+            out = model(**kw)
+            revert(model)
+            torch.testing.assert_close(out.logits, ref, atol=0, rtol=0)
+            assert torch.equal(out.kept_index, torch.arange(ids.shape[1]).expand_as(ids))
+
+
+@pytest.mark.parametrize("method,opts", CASES)
+def test_left_padding_matches_each_sample_alone(model, method, opts):
+    ids, mask, px = _inputs(model, 3, seed=5)
+    apply(model, method, **opts)
+    try:
+        with torch.no_grad():
+            batch = model(input_ids=ids, pixel_values=px, attention_mask=mask, position_ids=_positions(mask))
+            gen = model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=N_NEW,
+                                 do_sample=False)
+            for b in range(ids.shape[0]):
+                real = mask[b].bool()
+                one_ids, one_px = ids[b:b + 1, real], px[b:b + 1]
+                alone = model(input_ids=one_ids, pixel_values=one_px)
+                pad = int((~real).sum())
+                # the batch row's kept tokens, minus the padding that stays in front
+                kept_b = batch.kept_index[b]
+                rows = (kept_b >= pad) | (kept_b == -1)
+                rows &= torch.cat([torch.zeros(0, dtype=torch.bool), torch.ones_like(rows)])[-len(rows):]
+                tail = alone.logits.shape[1]
+                torch.testing.assert_close(batch.logits[b, -tail:], alone.logits[0], atol=2e-5, rtol=2e-5)
+                k_alone = alone.kept_index[0]
+                k_batch = batch.kept_index[b, -tail:]
+                assert torch.equal(torch.where(k_batch >= 0, k_batch - pad, -1), k_alone)
+                gen_alone = model.generate(input_ids=one_ids, pixel_values=one_px, max_new_tokens=N_NEW,
+                                           do_sample=False)
+                assert torch.equal(gen[b, -N_NEW:], gen_alone[0, -N_NEW:])
+    finally:
+        revert(model)
+
+
+@pytest.mark.parametrize("method,opts", CASES)
+def test_generate_with_cache_equals_recompute(model, method, opts):
+    ids, mask, px = _inputs(model, 2, seed=9)
+    apply(model, method, **opts)
+    try:
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=N_NEW,
+                                 do_sample=False)
+            seq, m = ids, mask
+            prompt_last = ids.shape[1] - 1
+            for _ in range(N_NEW):
+                out = model(input_ids=seq, pixel_values=px, attention_mask=m, position_ids=_positions(m),
+                            use_cache=False, query_index=prompt_last)
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+            assert torch.equal(gen, seq)
+    finally:
+        revert(model)
+
+
+def test_sampling_generate_runs_and_is_seeded(model):
+    ids, mask, px = _inputs(model, 2)
+    apply(model, "test_norm_topk", keep=64, layer=2)
+    try:
+        outs = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            outs.append(model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=3,
+                                       do_sample=True, top_k=50))
+        assert torch.equal(outs[0], outs[1])
+    finally:
+        revert(model)
+
+
+@pytest.mark.parametrize("method,opts", [("test_norm_topk", {"keep": 64, "layer": 2}),
+                                         ("test_vision_topk", {"keep": 40})])
+def test_kv_cache_lengths_per_layer(model, method, opts):
+    ids, mask, px = _inputs(model, 2)
+    apply(model, method, **opts)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, pixel_values=px, attention_mask=mask, use_cache=True)
+        cache = out.past_key_values
+        length = ids.shape[1]
+        k = opts["keep"]
+        reduced = length - 576 + (k + 1 if method == "test_vision_topk" else k)
+        layer = opts.get("layer", 0)
+        lens = [cache.layers[i].keys.shape[-2] for i in range(len(cache.layers))]
+        assert lens == [length] * layer + [reduced] * (len(lens) - layer)
+    finally:
+        revert(model)
+
+
+def test_labels_follow_the_kept_tokens(model):
+    ids, mask, px = _inputs(model, 2)
+    labels = torch.where(torch.rand(ids.shape) < 0.3, ids, -100)
+    labels[ids == model.config.image_token_id] = -100
+    apply(model, "test_norm_topk", keep=32, layer=0)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, pixel_values=px, attention_mask=mask, labels=labels)
+        kept = out.kept_index
+        lab = labels.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, -100)
+        ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten(),
+                                                ignore_index=-100)
+        torch.testing.assert_close(out.loss, ref)
+    finally:
+        revert(model)
+
+
+def test_apply_revert_and_errors(model):
+    ids, mask, px = _inputs(model, 1)
+    with torch.no_grad():
+        ref = model(input_ids=ids, pixel_values=px).logits
+    apply(model, "test_norm_topk", keep=16, layer=1)
+    assert applied_method(model)[0].name == "test_norm_topk"
+    apply(model, "none")                      # re-applying replaces
+    assert applied_method(model)[0].name == "none"
+    revert(model)
+    revert(model)                             # idempotent
+    assert applied_method(model) is None
+    assert "forward" not in model.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, pixel_values=px).logits, ref, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="method"):
+        apply(model, "no-such-method")
+    with pytest.raises(TypeError, match="bogus"):
+        apply(model, "none", bogus=1)
+    with pytest.raises(ValueError, match="layer"):
+        apply(model, "none", layer=99)
+    with pytest.raises(ValueError, match="layer"):
+        apply(model, "test_vision_topk", keep=4, layer=2)
+    with pytest.raises(ValueError, match="model"):
+        apply(torch.nn.Linear(2, 2), "none")
+    apply(model, "test_norm_topk", keep=16, layer=1)
+    try:
+        bad = ids.clone()
+        bad[0, (bad[0] == model.config.image_token_id).nonzero()[0, 0]] = 5   # 575 image tokens
+        with pytest.raises(RuntimeError, match="image"):
+            model(input_ids=bad, pixel_values=px)
+    finally:
+        revert(model)
