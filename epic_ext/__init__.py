@@ -15,5 +15,17 @@ from .ops import (Compressed, IQRSelection, compress, gather_merge, iqr_select, 
 
 __version__ = "0.1.0"
 
-__all__ = ["Compressed", "IQRSelection", "backends", "compress", "fused_linear_kl", "gather_merge",
+# The model-level API imports transformers; load it on first use so `import epic_ext` stays light.
+_LAZY = {"apply": ("models", "apply"), "revert": ("models", "revert"), "infer": ("infer", "infer"),
+         "available_methods": ("methods", "available_methods")}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{mod}", __name__), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__all__ = ["Compressed", "IQRSelection", "apply", "available_methods", "backends", "infer", "revert", "compress", "fused_linear_kl", "gather_merge",
            "iqr_select", "kl_div", "reference", "resolve_k", "select_topk", "use_backend"]

@@ -106,6 +106,97 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(list(args.rest)) or 0
 
 
+# --------------------------------------------------------------------------- infer
+
+def _configure_infer(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny",
+                   help="a tiny preset (tiny, llava-1.5-7b-depth) or a local LLaVA checkpoint folder")
+    p.add_argument("--method", default=None, help="token-reduction method (default: none)")
+    p.add_argument("--keep", default=None, help="visual tokens kept: a count, or a ratio like 0.25")
+    p.add_argument("--layer", type=int, default=None, help="decoder layer K of in-LLM methods")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="another method option (repeatable), e.g. --option sign=1")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat per request); "
+                   "tiny presets use a random image when none is given")
+    p.add_argument("--prompt", action="append", default=[], help="question (repeat per request)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (timings exclude warm-up)")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+
+
+def _parse_value(text: str):
+    import ast
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+@command("infer", "answer prompts about images with a token-reduction method and report "
+                  "tokens, KV bytes, FLOPs and latency", _configure_infer)
+def _infer(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .infer import format_reports, infer
+    from .models import tiny
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    prompts = args.prompt or ["What is in the image?"]
+    if args.model in tiny.PRESETS:
+        dtype = getattr(torch, args.dtype or "float32")
+        model = tiny.build_tiny_llava(args.model, dtype=dtype, device=device)
+        processor = tiny.TinyProcessor(model)
+        if args.image:
+            images = args.image
+        else:
+            from PIL import Image
+            g = torch.Generator().manual_seed(args.seed)
+            size = model.config.vision_config.image_size
+            images = [Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy())
+                      for _ in prompts]
+        inputs = processor(images, prompts)
+    else:
+        from PIL import Image
+        from transformers import AutoProcessor
+        dtype = getattr(torch, args.dtype or "bfloat16")
+        model = tiny.load_llava(args.model, dtype=dtype, device=device)
+        processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
+        processor.tokenizer.padding_side = "left"
+        if len(args.image) != len(prompts):
+            print("epic-ext infer: give one --image per --prompt", file=sys.stderr)
+            return 2
+        texts = [f"USER: <image>\n{p} ASSISTANT:" for p in prompts]
+        inputs = processor(images=[Image.open(f).convert("RGB") for f in args.image], text=texts,
+                           return_tensors="pt", padding=True)
+        processor.decode = lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True)
+    if len(inputs["input_ids"]) != len(prompts):
+        print("epic-ext infer: give one --image per --prompt", file=sys.stderr)
+        return 2
+    options = dict(kv.split("=", 1) for kv in args.option)
+    options = {k: _parse_value(v) for k, v in options.items()}
+    if args.layer is not None:
+        options["layer"] = args.layer
+    keep = _parse_value(args.keep) if args.keep is not None else None
+    kw = dict(method=args.method, keep=keep, processor=processor, max_new_tokens=args.max_new_tokens,
+              do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, seed=args.seed, **options)
+    for _ in range(args.warmup):
+        infer(model, inputs, **{**kw, "max_new_tokens": 2})
+    reports = infer(model, inputs, **kw)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in reports], indent=1))
+    else:
+        print(format_reports(reports))
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:

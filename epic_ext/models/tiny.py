@@ -118,3 +118,62 @@ def random_pixels(model, batch: int, *, seed: int = 0, device="cpu", dtype=torch
     size = model.config.vision_config.image_size
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, size, size, generator=g).to(device=device, dtype=dtype)
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class TinyProcessor:
+    """Prompt + image preprocessing for the tiny models, offline: a character-level tokenizer
+    (ids 3.. are printable ASCII; 0 pad, 1 BOS, 2 EOS, the last id is <image>), LLaVA-1.5's
+    conversation template, left padding, CLIP resize + normalisation. Real checkpoints use
+    their own ``AutoProcessor`` instead."""
+    template = "USER: <image>\n{prompt} ASSISTANT:"
+    first_char = 32
+
+    def __init__(self, model_or_config):
+        cfg = getattr(model_or_config, "config", model_or_config)
+        self.image_token_id = cfg.image_token_id
+        self.image_tokens = cfg.image_seq_length
+        self.image_size = cfg.vision_config.image_size
+        self.vocab_size = cfg.text_config.vocab_size
+
+    def encode_text(self, text: str) -> list[int]:
+        return [3 + (ord(c) - self.first_char) % (self.vocab_size - 4) for c in text]
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in (ids.tolist() if hasattr(ids, "tolist") else ids):
+            if i == 2:
+                break
+            if 3 <= i < 3 + 95:
+                out.append(chr(i - 3 + self.first_char))
+        return "".join(out)
+
+    def batch_decode(self, ids) -> list[str]:
+        return [self.decode(row) for row in ids]
+
+    def pixels(self, image) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image
+        if not isinstance(image, Image.Image):
+            image = Image.open(image)
+        image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+    def __call__(self, images, prompts: list[str]):
+        rows = []
+        for p in prompts:
+            before, after = self.template.format(prompt=p).split("<image>")
+            rows.append([1] + self.encode_text(before) + [self.image_token_id] * self.image_tokens
+                        + self.encode_text(after))
+        length = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, length - len(r):] = torch.tensor(r)
+            mask[i, length - len(r):] = 1
+        pixel_values = torch.stack([self.pixels(im) for im in images])
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}

@@ -13,7 +13,7 @@ from epic_ext.methods import LLMMethodConfig, LLMSelection, MethodConfig, Vision
 from epic_ext.models import apply, applied_method, revert
 from epic_ext.models.tiny import build_tiny_llava, random_pixels, random_prompts
 
-N_NEW = 4
+N_NEW = 3
 
 
 @dataclass
@@ -78,7 +78,10 @@ def _positions(mask):
 
 CASES = [("none", {}), ("none", {"layer": 2}), ("test_norm_topk", {"keep": 37, "layer": 0}),
          ("test_norm_topk", {"keep": 100, "layer": 2}), ("test_norm_topk", {"keep": 0.25, "layer": 3}),
-         ("test_vision_topk", {"keep": 50})]
+         ("test_vision_topk", {"keep": 50}),
+         ("fastv", {"keep": 64, "layer": 2}), ("dart", {"keep": 100, "layer": 2}), ("dart", {"keep": 36, "layer": 1}),
+         ("random", {"keep": 64, "seed": 3}), ("random", {"keep": 64, "layer": 2, "seed": 3}),
+         ("pooling", {"keep": 36}), ("pooling", {"keep": 144, "layer": 2})]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -97,9 +100,11 @@ def test_keep_all_is_identity(attn, layer):
             assert torch.equal(out.kept_index, torch.arange(ids.shape[1]).expand_as(ids))
 
 
-@pytest.mark.parametrize("method,opts", CASES)
+# "random" draws one [B, N] block of uniforms, so a row's subset depends on its batch: it is
+# checked for cache/recompute equality below, not for batch invariance.
+@pytest.mark.parametrize("method,opts", [c for c in CASES if c[0] != "random"])
 def test_left_padding_matches_each_sample_alone(model, method, opts):
-    ids, mask, px = _inputs(model, 3, seed=5)
+    ids, mask, px = _inputs(model, 2, seed=5)
     apply(model, method, **opts)
     try:
         with torch.no_grad():
