@@ -10,7 +10,8 @@ softmax and RoPE are left out; they are O(n d), not O(n d^2)):
   embedding 2 N (3 p^2) Dv and the projector 2 N (Dv D + D D)  (mlp2x_gelu).
 * LLM, per decoder layer over n tokens (width D, H query heads and Hkv KV heads of size d, MLP
   width I): 2 n (2 D H d + 2 D Hkv d + 3 D I) + 2 H d n (n + 1)  (causal: query i sees i + 1
-  keys, QK^T and PV each 2 d per pair per head). Layers < K see n = L tokens, layers >= K see the
+  keys, QK^T and PV each 2 d per pair per head; a dense masked kernel such as eager attention
+  does 4 H d n^2 instead: ``causal=False``). Layers < K see n = L tokens, layers >= K see the
   reduced n = L - N + kept.
 * LM head: 2 D V for the one row the prefill needs (next-token logits).
 
@@ -74,18 +75,20 @@ def vision_flops(llava_cfg) -> float:
     return per_layer * v.num_hidden_layers + patch + projector
 
 
-def llm_layer_flops(text_cfg, n: int) -> float:
+def llm_layer_flops(text_cfg, n: int, causal: bool = True) -> float:
     d_model, heads, kv_heads, head_dim, inter, _ = _text_dims(text_cfg)
     linear = 2 * n * (2 * d_model * heads * head_dim + 2 * d_model * kv_heads * head_dim + 3 * d_model * inter)
-    attention = 2 * heads * head_dim * n * (n + 1)
-    return float(linear + attention)
+    # causal kernels compute the n (n + 1) / 2 visible pairs; a masked dense kernel (eager) all n^2
+    pairs = n * (n + 1) // 2 if causal else n * n
+    return float(linear + 4 * heads * head_dim * pairs)
 
 
 def prefill_cost(llava_cfg, prompt_tokens: int, kept_visual: int, layer: int,
-                 bytes_per_element: int = 2, new_tokens: int = 0) -> PrefillCost:
+                 bytes_per_element: int = 2, new_tokens: int = 0, causal: bool = True) -> PrefillCost:
     """Cost of one request of ``prompt_tokens`` tokens (including the N image tokens) whose image
     keeps ``kept_visual`` tokens from decoder layer ``layer`` on (layer 0: before the LLM, e.g.
-    the pre-projector methods). ``new_tokens`` adds generated tokens to the KV count."""
+    the pre-projector methods). ``new_tokens`` adds generated tokens to the KV count.
+    ``causal=False`` counts the LLM's attention as a dense masked kernel does (all n^2 pairs)."""
     text = llava_cfg.text_config
     n_img = llava_cfg.image_seq_length
     _, _, kv_heads, head_dim, _, n_layers = _text_dims(text)
@@ -100,6 +103,6 @@ def prefill_cost(llava_cfg, prompt_tokens: int, kept_visual: int, layer: int,
     return PrefillCost(
         tokens_per_layer=tokens, visual_tokens_per_layer=visual,
         flops_vision=vision_flops(llava_cfg),
-        flops_llm_per_layer=[llm_layer_flops(text, t) for t in tokens],
+        flops_llm_per_layer=[llm_layer_flops(text, t, causal) for t in tokens],
         flops_head=2.0 * text.hidden_size * text.vocab_size,
         kv_bytes_per_layer=[(t + new_tokens) * per_token for t in tokens])
