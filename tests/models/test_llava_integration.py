@@ -234,3 +234,29 @@ def test_apply_revert_and_errors(model):
             model(input_ids=bad, pixel_values=px)
     finally:
         revert(model)
+
+
+@pytest.mark.parametrize("layer,keep", [(2, 64), (1, 200)])
+def test_fastv_under_sdpa_keeps_what_eager_attention_ranks(layer, keep):
+    # The published FastV reads layer K-1's materialised attention weights (eager); ours never
+    # builds them. Same weights, same prompt: the kept tokens must agree.
+    eager = build_tiny_llava(seed=4, attn_implementation="eager")
+    sdpa = build_tiny_llava(seed=4, attn_implementation="sdpa")
+    ids, mask, px = _inputs(eager, 2, seed=11)
+    pos = _positions(mask)
+    with torch.no_grad():
+        att = eager(input_ids=ids, pixel_values=px, attention_mask=mask, position_ids=pos,
+                    output_attentions=True).attentions[layer - 1]          # [B, H, L, L]
+    start = (ids == eager.config.image_token_id).int().argmax(1)
+    span = start[:, None] + torch.arange(576)
+    score = att[:, :, -1, :].float().mean(1).gather(1, span)
+    expect = score.topk(keep, dim=1).indices.sort(1).values
+    apply(sdpa, "fastv", keep=keep, layer=layer)
+    try:
+        with torch.no_grad():
+            out = sdpa(input_ids=ids, pixel_values=px, attention_mask=mask, position_ids=pos)
+    finally:
+        revert(sdpa)
+    kept = out.kept_index
+    got = torch.stack([kept[b][(kept[b] >= start[b]) & (kept[b] < start[b] + 576)] - start[b] for b in range(2)])
+    assert torch.equal(got, expect)
