@@ -51,16 +51,22 @@ class VisionContext:
     features: Tensor                 # [B, N, Dv] LLaVA's selected layer, CLS removed (what the projector would get)
     hidden_states: tuple             # CLIP hidden states, each [B, 1 + N, Dv]; [0] = embeddings, [i] = input of encoder layer i
     feature_layer: int               # non-negative index into hidden_states that `features` came from
-    vision_tower: torch.nn.Module    # HF CLIPVisionModel (encoder.layers[i].self_attn.{q,k}_proj, layer_norm1)
+    vision_tower: torch.nn.Module    # HF CLIPVisionModel; its encoder/post_layernorm: see `vision_model`
     input_ids: Tensor                # [B, L] prompt with image placeholders (TRIM reads the question from it)
     attention_mask: Tensor           # [B, L] 1 = real token
     image_token_id: int
     grid: tuple[int, int]            # patch grid (24, 24) for 576 tokens
 
+    @property
+    def vision_model(self) -> torch.nn.Module:
+        """The module that holds ``encoder`` and ``post_layernorm``: ``vision_tower.vision_model``
+        in transformers 4, the (flattened) CLIPVisionModel itself in transformers 5."""
+        return getattr(self.vision_tower, "vision_model", self.vision_tower)
+
     def layer_qk(self, layer: int) -> tuple[Tensor, Tensor]:
         """Unscaled q and k of CLIP encoder layer ``layer``, recomputed from its input
         ``hidden_states[layer]``: each [B, heads, 1 + N, head_dim]."""
-        block = self.vision_tower.vision_model.encoder.layers[layer]
+        block = self.vision_model.encoder.layers[layer]
         attn = block.self_attn
         x = block.layer_norm1(self.hidden_states[layer])
         b, t, _ = x.shape
@@ -93,13 +99,21 @@ class LLMContext:
     def image_hidden(self) -> Tensor:
         """[B, N, D] hidden states of the image span of every row (one batched gather)."""
         idx = self.image_start[:, None] + torch.arange(self.num_image_tokens, device=self.hidden.device)
-        return self.hidden.gather(1, idx[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        return take_rows(self.hidden, idx)
 
 
 @dataclass
 class LLMSelection:
     index: Tensor                    # [B, S] int64 positions inside the image span, ascending
     hidden: Optional[Tensor] = None  # [B, S, D] replacement hidden states (pooling); None: gather the kept ones
+
+
+def take_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x[b, idx[b, s]] for x [B, L, ...] and idx [B, S]: whole rows copied with one index_select
+    (about 2x faster than ``gather`` with an expanded index on a CPU)."""
+    b, length = x.shape[:2]
+    flat = (idx + torch.arange(b, device=idx.device)[:, None] * length).reshape(-1)
+    return x.reshape(b * length, *x.shape[2:]).index_select(0, flat).view(*idx.shape, *x.shape[2:])
 
 
 def config_fields(cfg_cls) -> set[str]:

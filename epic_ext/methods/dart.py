@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..ops import select_topk
 from . import register_method
-from .base import LLMContext, LLMMethodConfig, LLMSelection
+from .base import LLMContext, LLMMethodConfig, LLMSelection, take_rows
 from .fastv import _check_keep
 
 
@@ -125,8 +125,8 @@ def dart(ctx: LLMContext, cfg: DARTConfig) -> LLMSelection:
 
     # Unit vectors of final_norm(hidden) (per-token norm: gathering first is equivalent).
     img_u = _unit(ctx.final_norm(ctx.image_hidden()))                    # [B, N, D]
-    txt_u = _unit(ctx.final_norm(hidden.gather(1, txt_abs[..., None].expand(-1, -1, D))))
-    piv_u = torch.cat([img_u.gather(1, img_piv[..., None].expand(-1, -1, D)), txt_u], dim=1)
+    txt_u = _unit(ctx.final_norm(take_rows(hidden, txt_abs)))
+    piv_u = torch.cat([take_rows(img_u, img_piv), txt_u], dim=1)
     neg_cos = -torch.bmm(piv_u, img_u.transpose(1, 2))                   # [B, P, N]; high = dissimilar
 
     valid = torch.cat([torch.ones(B, p_img, dtype=torch.bool, device=dev), txt_valid], dim=1)

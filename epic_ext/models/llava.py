@@ -24,7 +24,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from ..methods import MethodSpec
-from ..methods.base import LLMContext, LLMSelection, VisionContext
+from ..methods.base import LLMContext, LLMSelection, VisionContext, take_rows
 
 IGNORE_INDEX = -100
 
@@ -88,9 +88,9 @@ def apply_selection(hidden: Tensor, mask: Tensor, position_ids: Tensor, start: T
     slot_c = slot.clamp(min=0)
     in_span = slot >= 0
     src = torch.where(in_span, start[:, None] + sel_index.gather(1, slot_c), src)
-    new_hidden = hidden.gather(1, src[..., None].expand(-1, -1, d))
+    new_hidden = take_rows(hidden, src)
     if sel_hidden is not None:
-        repl = sel_hidden.to(hidden.dtype).gather(1, slot_c[..., None].expand(-1, -1, d))
+        repl = take_rows(sel_hidden.to(hidden.dtype), slot_c)
         new_hidden = torch.where(in_span[..., None], repl, new_hidden)
     new_mask = mask.gather(1, src)
     if sel_valid is not None:
@@ -102,6 +102,17 @@ def apply_selection(hidden: Tensor, mask: Tensor, position_ids: Tensor, start: T
     else:
         new_pos = position_ids.gather(1, src)
     return new_hidden, new_mask, new_pos, src
+
+
+def compact_slots(feats: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Move each row's valid slots to the front (order kept) and cut the slot axis to the
+    largest valid count in the batch, so that an adaptive budget (TRIM, PruMerge) actually
+    shortens the LLM's sequence. Sizing the output reads one scalar back to the host: the one
+    sync of a reducing prefill, and only for adaptive budgets without a static ``max_k``."""
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+    n = int(valid.sum(1).max())
+    order = order[:, :n]
+    return take_rows(feats, order), valid.gather(1, order)
 
 
 # --------------------------------------------------------------------------- the forward
@@ -137,6 +148,8 @@ def _vision_stage(model, red: Reduction, input_ids, attention_mask, pixel_values
                             grid=(side, n // side))
         res = red.spec.fn(ctx, red.cfg)
         feats, valid = res.features, res.valid
+        if valid is not None and getattr(red.cfg, "max_k", None) is None:
+            feats, valid = compact_slots(feats, valid)
     return model.model.multi_modal_projector(feats), valid
 
 
@@ -168,7 +181,8 @@ def reduced_forward(self, input_ids=None, pixel_values=None, attention_mask=None
                     logits_to_keep=0, query_index=None, **kwargs):
     """Drop-in ``forward`` of an applied model. Returns logits over the reduced sequence; its
     ``kept_index`` [B, L'] says which input position each output row came from (-1: a token a
-    vision method made). ``query_index`` ([B] or int) marks the last prompt token the methods
+    vision method made) and ``kept_mask`` [B, L'] which rows are real (padding and the unused
+    slots of an adaptive budget are False). ``query_index`` ([B] or int) marks the last prompt token the methods
     rank against (default: each row's last real token); recompute-without-cache callers pass the
     prompt's so the selection is the one the cached run made."""
     red: Reduction = self._epic
@@ -206,12 +220,20 @@ def reduced_forward(self, input_ids=None, pixel_values=None, attention_mask=None
         attention_mask = torch.ones(b, past_len + length, dtype=torch.bool, device=device)
     attention_mask = attention_mask.bool()
     mask_in, last_position = attention_mask, position_ids[:, -1:]
+    if query_index is None:
+        # Each row's last real token (left or right padding).
+        current = mask_in[:, -length:]
+        query_index = (length - 1) - current.flip(1).int().argmax(1)
+    elif isinstance(query_index, int):
+        query_index = torch.full((b,), query_index, dtype=torch.long, device=device)
 
     # ---- embeddings and the reduction plan of this call
     reduce_at = None        # decoder layer where this call's prefill is reduced
     start = None
     if pixel_values is not None:
-        img_embeds, img_valid = _vision_stage(self, red, input_ids, attention_mask, pixel_values)
+        # Methods read the prompt up to query_index (TRIM's question), not tokens after it.
+        prompt_mask = attention_mask[:, -length:] & (torch.arange(length, device=device) <= query_index[:, None])
+        img_embeds, img_valid = _vision_stage(self, red, input_ids, prompt_mask, pixel_values)
         start = image_span(input_ids, cfg.image_token_id, n_image)
         if red.spec.stage == "vision":
             # The image span becomes the method's S slots (fewer tokens, positions renumbered).
@@ -231,12 +253,6 @@ def reduced_forward(self, input_ids=None, pixel_values=None, attention_mask=None
     else:
         kept = torch.arange(length, device=device)[None].expand(b, -1)
 
-    if query_index is None:
-        # Each row's last real token (left or right padding).
-        current = mask_in[:, -length:]
-        query_index = (length - 1) - current.flip(1).int().argmax(1)
-    elif isinstance(query_index, int):
-        query_index = torch.full((b,), query_index, dtype=torch.long, device=device)
 
     # ---- decoding after a reduced prefill: per-layer-group masks and shifted positions
     mask_reduced = None
@@ -280,10 +296,11 @@ def reduced_forward(self, input_ids=None, pixel_values=None, attention_mask=None
             pos_delta=position_ids[:, -1:] - last_position)
 
     hidden = lm.norm(hidden)
+    mask_out = attention_mask[:, -hidden.shape[1]:]
     if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-        hidden, kept_out = hidden[:, -logits_to_keep:], kept[:, -logits_to_keep:]
+        hidden, kept_out, mask_out = hidden[:, -logits_to_keep:], kept[:, -logits_to_keep:], mask_out[:, -logits_to_keep:]
     elif isinstance(logits_to_keep, Tensor):
-        hidden, kept_out = hidden[:, logits_to_keep], kept[:, logits_to_keep]
+        hidden, kept_out, mask_out = hidden[:, logits_to_keep], kept[:, logits_to_keep], mask_out[:, logits_to_keep]
     else:
         kept_out = kept
     logits = self.lm_head(hidden)
@@ -294,6 +311,7 @@ def reduced_forward(self, input_ids=None, pixel_values=None, attention_mask=None
         loss = self.loss_function(logits=logits, labels=lab, vocab_size=cfg.text_config.vocab_size, **kwargs)
     out = LlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
     out["kept_index"] = kept_out
+    out["kept_mask"] = mask_out
     return out
 
 

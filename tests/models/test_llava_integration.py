@@ -81,7 +81,30 @@ CASES = [("none", {}), ("none", {"layer": 2}), ("test_norm_topk", {"keep": 37, "
          ("test_vision_topk", {"keep": 50}),
          ("fastv", {"keep": 64, "layer": 2}), ("dart", {"keep": 100, "layer": 2}), ("dart", {"keep": 36, "layer": 1}),
          ("random", {"keep": 64, "seed": 3}), ("random", {"keep": 64, "layer": 2, "seed": 3}),
-         ("pooling", {"keep": 36}), ("pooling", {"keep": 144, "layer": 2})]
+         ("pooling", {"keep": 36}), ("pooling", {"keep": 144, "layer": 2}),
+         ("trim", {"pooled": False}), ("trim", {"keep": 40}), ("prumerge", {"pooled": False}),
+         ("prumerge_plus", {"pooled": False}), ("prumerge", {"pooled": False, "max_k": 100}),
+         ("visionzip", {}), ("visionzip", {"keep": 32})]
+# Batch-pooled IQR (the published default) ties a row's budget to its batch: cache/recompute only.
+POOLED = [("trim", {}), ("prumerge", {}), ("prumerge_plus", {})]
+
+
+def _resolve(model, method, opts):
+    if method == "trim":
+        from epic_ext.methods.trim import ClipTextScorer
+        opts = {**opts, "scorer": _scorer(model)}
+    return opts
+
+
+_SCORERS = {}
+
+
+def _scorer(model):
+    from epic_ext.methods.trim import ClipTextScorer
+    key = id(model)
+    if key not in _SCORERS:
+        _SCORERS[key] = ClipTextScorer.tiny(model.config.vision_config, model.config.text_config.vocab_size)
+    return _SCORERS[key]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -105,7 +128,7 @@ def test_keep_all_is_identity(attn, layer):
 @pytest.mark.parametrize("method,opts", [c for c in CASES if c[0] != "random"])
 def test_left_padding_matches_each_sample_alone(model, method, opts):
     ids, mask, px = _inputs(model, 2, seed=5)
-    apply(model, method, **opts)
+    apply(model, method, **_resolve(model, method, opts))
     try:
         with torch.no_grad():
             batch = model(input_ids=ids, pixel_values=px, attention_mask=mask, position_ids=_positions(mask))
@@ -116,15 +139,12 @@ def test_left_padding_matches_each_sample_alone(model, method, opts):
                 one_ids, one_px = ids[b:b + 1, real], px[b:b + 1]
                 alone = model(input_ids=one_ids, pixel_values=one_px)
                 pad = int((~real).sum())
-                # the batch row's kept tokens, minus the padding that stays in front
-                kept_b = batch.kept_index[b]
-                rows = (kept_b >= pad) | (kept_b == -1)
-                rows &= torch.cat([torch.zeros(0, dtype=torch.bool), torch.ones_like(rows)])[-len(rows):]
-                tail = alone.logits.shape[1]
-                torch.testing.assert_close(batch.logits[b, -tail:], alone.logits[0], atol=2e-5, rtol=2e-5)
-                k_alone = alone.kept_index[0]
-                k_batch = batch.kept_index[b, -tail:]
-                assert torch.equal(torch.where(k_batch >= 0, k_batch - pad, -1), k_alone)
+                # the batch row's real rows (padding and unused adaptive slots are masked)
+                rows = batch.kept_mask[b]
+                rows_alone = alone.kept_mask[0]
+                torch.testing.assert_close(batch.logits[b, rows], alone.logits[0, rows_alone], atol=2e-5, rtol=2e-5)
+                k_batch = batch.kept_index[b, rows]
+                assert torch.equal(torch.where(k_batch >= 0, k_batch - pad, -1), alone.kept_index[0, rows_alone])
                 gen_alone = model.generate(input_ids=one_ids, pixel_values=one_px, max_new_tokens=N_NEW,
                                            do_sample=False)
                 assert torch.equal(gen[b, -N_NEW:], gen_alone[0, -N_NEW:])
@@ -132,10 +152,10 @@ def test_left_padding_matches_each_sample_alone(model, method, opts):
         revert(model)
 
 
-@pytest.mark.parametrize("method,opts", CASES)
+@pytest.mark.parametrize("method,opts", CASES + POOLED)
 def test_generate_with_cache_equals_recompute(model, method, opts):
     ids, mask, px = _inputs(model, 2, seed=9)
-    apply(model, method, **opts)
+    apply(model, method, **_resolve(model, method, opts))
     try:
         with torch.no_grad():
             gen = model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=N_NEW,

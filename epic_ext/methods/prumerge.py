@@ -1,0 +1,216 @@
+"""PruMerge and PruMerge+ (Shang et al., 2024), pre-projector methods.
+
+Scores: the [CLS] attention of CLIP's LAST encoder layer (``layer=None``; LLaVA-1.5: layer 23,
+whose input is LLaVA's feature layer), computed as the published code does from that layer's
+q/k projections taken as ONE Dv-wide head: softmax(q_cls . k_j * Dv^-0.5) over the 1 + N keys,
+row 0 without the CLS column (fp32).
+
+Selection (``keep=None``): IQR outliers of the scores (DESIGN.md 2.2), batch-pooled by default
+(``pooled=False``: per image), and the kept tokens in SCORE order (descending, ties: lower index
+first), as the reference's ``torch.topk(..., sorted=True)`` yields. With ``keep`` set (a count or
+a ratio of N) the top-``keep`` tokens are kept instead (the published non-adaptive path).
+
+Merge: for each kept token i, its ``neighbors`` (32) nearest tokens by cosine similarity of the
+L2-normalised keys of the same layer (heads concatenated, CLS excluded), searched over ALL other
+tokens (kept or not), are added with their scores as weights, unnormalised:
+x_i + sum_j attn_j x_j (x: pre-projector features, not the updated ones). One more token follows
+the kept ones: sum over the unkept tokens of attn_j x_j.
+
+PruMerge+ adds spatially uniform tokens after the score-ordered ones: indices
+arange(0, N - 1, int(int(1 / r) / 3)) that are not already kept, in ascending order, with
+r = counts[b] / N, the image's kept ratio (float64, the reference's Python float arithmetic).
+Guards (the reference divides by zero / calls arange with step 0): r = 0 gives step N, i.e.
+index 0 only (the limit r -> 0+); a step of 0 (r > 1/3) becomes 1. These tokens are merged like
+the others and the extra token sums the tokens that are still unkept. The reference filters the
+grid against the kept tokens of the whole batch and only runs at B = 1; here each image filters
+against its own, and with batch pooling r uses the per-image count floor(outliers / B) (the
+reference's r is outliers / (B N): the same at B = 1).
+
+Output layout, [B, S + 1, Dv] with a validity mask: kept tokens (score order), PruMerge+'s grid
+tokens, the extra token at position total[b], zero padding after it. S is fixed from N and the
+cap alone (``max_k``, default N) so nothing syncs with the host; PruMerge with ``keep`` set has
+exactly keep + 1 tokens and no mask.
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import ops
+from ..reference import MERGE_WEIGHTED
+from . import register_method
+from .base import MethodConfig, VisionContext, VisionReduction
+from .trim import check_iqr_options, check_keep, resolve_cap, resolve_keep
+
+
+@dataclass
+class PruMergeConfig(MethodConfig):
+    """Options of PruMerge / PruMerge+.
+
+    keep: None (default) = the adaptive IQR budget; an int count or a ratio of N = the top-keep
+        tokens by [CLS] attention (exact: keep + 1 output tokens for PruMerge).
+    pooled: True (default, reference parity) = one IQR fence over the batch, floor(outliers / B)
+        tokens per image; False = per image.
+    whisker: IQR whisker of the upper fence (1.5).
+    max_k: cap of the adaptive count (None = N); fixes the output's slot count, and with it the
+        size of the neighbour search (every slot is searched, valid or not).
+    neighbors: tokens merged into each kept token (32 in the published code; capped at N - 1).
+    layer: CLIP encoder layer whose q/k give the [CLS] attention and the keys; None = the last
+        layer (published: 23 of 24); negative values count from the end.
+    """
+    pooled: bool = True
+    whisker: float = 1.5
+    max_k: Optional[int] = None
+    neighbors: int = 32
+    layer: Optional[int] = None
+
+    def validate(self) -> None:
+        check_keep(self.keep)
+        check_iqr_options(self)
+        if isinstance(self.neighbors, bool) or not isinstance(self.neighbors, numbers.Integral) \
+                or self.neighbors < 0:
+            raise ValueError(f"neighbors must be an int >= 0, got {self.neighbors!r}")
+        if self.layer is not None and (isinstance(self.layer, bool)
+                                       or not isinstance(self.layer, numbers.Integral)):
+            raise ValueError(f"layer must be None or an int encoder-layer index, got {self.layer!r}")
+
+
+class PruMergeResult(NamedTuple):
+    features: Tensor            # [B, S + 1, Dv]
+    valid: Optional[Tensor]     # [B, S + 1] bool (None: all valid)
+    indices: Tensor             # [B, S] kept token indices in output order; -1 past total[b]
+    counts: Tensor              # [B] int64 tokens kept by score (IQR / keep)
+    total: Tensor               # [B] int64 tokens kept in all (PruMerge+: with the grid ones)
+    scores: Tensor              # [B, N] fp32 [CLS] attention
+
+
+def cls_attention_one_head(ctx: VisionContext, layer: int) -> tuple[Tensor, Tensor]:
+    """([CLS] attention [B, N], keys [B, N, Dv]) of encoder layer ``layer`` as one Dv-wide head,
+    fp32. Only the [CLS] query row is computed."""
+    q, k = ctx.layer_qk(layer)
+    b, h, t, hd = q.shape
+    dv = h * hd
+    q0 = q[:, :, 0].reshape(b, dv).float()
+    keys = k.transpose(1, 2).reshape(b, t, dv).float()
+    logits = torch.bmm(keys, q0.unsqueeze(-1)).squeeze(-1) * dv ** -0.5
+    return logits.softmax(dim=-1)[:, 1:], keys[:, 1:]
+
+
+def grid_step(count: int, n: int) -> int:
+    """PruMerge+'s grid step int(int(1 / r) / 3), r = count / n, with the r = 0 and step-0 guards."""
+    if count == 0:
+        return n
+    return max(1, int(int(1.0 / (count / n)) / 3))
+
+
+@functools.lru_cache(maxsize=256)
+def plus_slots(n: int, lo: int, hi: int) -> int:
+    """Largest possible kept-token total of PruMerge+ when the scored count lies in [lo, hi]."""
+    return max(min(n, c + len(range(0, n - 1, grid_step(c, n)))) for c in range(lo, hi + 1))
+
+
+def _grid_steps(counts: Tensor, n: int) -> Tensor:
+    """Device version of grid_step; float64 so the truncations match the reference's Python."""
+    safe = torch.where(counts > 0, counts, torch.ones_like(counts)).double()
+    step = torch.floor(1.0 / (safe / n)).long() // 3
+    return torch.where(counts > 0, step, torch.full_like(step, n)).clamp(min=1)
+
+
+def _gather_weighted(tokens: Tensor, idx: Tensor, counts: Tensor, weights: Tensor) -> Tensor:
+    # The public gather_merge range-checks caller indices with a host read on GPU backends;
+    # these are built on the device and in range by construction, so skip that check.
+    return ops._run(None, ops._gather_merge, ops._gather_merge_impl, tokens, idx, counts,
+                    MERGE_WEIGHTED, weights, False, differentiable=(tokens, weights))
+
+
+def prumerge_select(ctx: VisionContext, cfg: PruMergeConfig, plus: bool = False) -> PruMergeResult:
+    """PruMerge (plus=False) or PruMerge+ with the kept indices exposed."""
+    x = ctx.features
+    b, n, _ = x.shape
+    dev = x.device
+    n_layers = len(ctx.vision_model.encoder.layers)
+    layer = n_layers - 1 if cfg.layer is None else int(cfg.layer)
+    if not -n_layers <= layer < n_layers:
+        raise ValueError(f"layer must index one of the {n_layers} encoder layers, got {cfg.layer}")
+    layer %= n_layers
+    attn, keys = cls_attention_one_head(ctx, layer)
+
+    if cfg.keep is None:
+        cap = resolve_cap(cfg.max_k, n)
+        counts, idx = ops.iqr_select(attn, float(cfg.whisker), pooled=cfg.pooled, max_k=cap)
+        idx = idx[:, :cap]
+        lo = 0
+    else:
+        cap = lo = resolve_keep(cfg.keep, n)
+        idx = ops.select_topk(attn, cap)
+        counts = torch.full((b,), cap, dtype=torch.int64, device=dev)
+
+    # Ascending indices -> score order; the stable sort keeps the lower index first on ties.
+    slot = torch.arange(cap, device=dev)
+    kept = slot < counts[:, None]
+    s = attn.gather(1, idx.clamp(min=0))
+    s = torch.where(kept & ~torch.isnan(s), s, torch.full_like(s, float("-inf")))
+    idx = idx.gather(1, torch.sort(s, dim=1, descending=True, stable=True).indices)
+
+    if plus:
+        width = plus_slots(n, lo, cap)
+        pos = torch.arange(n, device=dev)
+        in_kept = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
+        in_kept.scatter_(1, torch.where(kept, idx, torch.full_like(idx, n)), True)
+        step = _grid_steps(counts, n)
+        extra = (pos % step[:, None] == 0) & (pos < n - 1) & ~in_kept[:, :n]
+        # Extra indices first, ascending: sort keys push the others past N.
+        extra_idx = torch.sort(torch.where(extra, pos, pos + n), dim=1).values
+        slots = torch.arange(width, device=dev)
+        from_extra = extra_idx.gather(1, (slots - counts[:, None]).clamp(0, n - 1))
+        scored = F.pad(idx, (0, max(0, width - cap)), value=-1)[:, :width]
+        idx = torch.where(slots < counts[:, None], scored, from_extra)
+        total = counts + extra.sum(1)
+    else:
+        width, total = cap, counts
+    slots = torch.arange(width, device=dev)
+    valid = slots < total[:, None]
+    safe = torch.where(valid, idx, torch.zeros_like(idx)).contiguous()
+
+    # Kept rows plus the weighted extra token at position total[b], in one pass over x.
+    merged = _gather_weighted(x, safe, total, attn)
+
+    # Neighbour merge: cosine of normalised keys, self excluded, top `neighbors` over all tokens;
+    # the weighted sum is a [S, N] sparse-weight matmul instead of a [S, nb, Dv] gather.
+    nb = min(int(cfg.neighbors), n - 1)
+    if nb > 0 and width > 0:
+        kn = F.normalize(keys, dim=-1)
+        kq = kn.gather(1, safe[..., None].expand(-1, -1, kn.shape[-1]))
+        sim = torch.bmm(kq, kn.transpose(1, 2))
+        sim.scatter_(2, safe[..., None], float("-inf"))
+        nbr = sim.topk(nb, dim=2).indices
+        w = attn.gather(1, nbr.reshape(b, -1)).view(b, width, nb)
+        w = torch.where(valid[..., None], w, torch.zeros_like(w))
+        wmat = torch.zeros(b, width, n, dtype=torch.float32, device=dev).scatter_(2, nbr, w)
+        update = torch.bmm(wmat, x.float())
+        head = (merged[:, :width].float() + update).to(x.dtype)
+        merged = torch.cat([head, merged[:, width:]], dim=1)
+
+    out_valid = None
+    if plus or cfg.keep is None:
+        out_valid = torch.arange(width + 1, device=dev) <= total[:, None]
+    idx = torch.where(valid, idx, torch.full_like(idx, -1))
+    return PruMergeResult(merged, out_valid, idx, counts, total, attn)
+
+
+@register_method("prumerge", "vision", PruMergeConfig)
+def prumerge(ctx: VisionContext, cfg: PruMergeConfig) -> VisionReduction:
+    res = prumerge_select(ctx, cfg, plus=False)
+    return VisionReduction(res.features, res.valid)
+
+
+@register_method("prumerge_plus", "vision", PruMergeConfig)
+def prumerge_plus(ctx: VisionContext, cfg: PruMergeConfig) -> VisionReduction:
+    res = prumerge_select(ctx, cfg, plus=True)
+    return VisionReduction(res.features, res.valid)
