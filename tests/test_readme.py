@@ -17,3 +17,6 @@ def test_readme_python_examples_run():
     assert scope["merged"].shape == (16, 65, 4096)
     assert scope["loss"].dim() == 0 and torch.isfinite(scope["loss"])
     assert scope["student"].grad is not None
+    assert scope["res"].kept_index.shape == (2, scope["ids"].shape[1] - 576 + 64)
+    assert scope["r"].visual_tokens_per_layer == [576, 576, 128, 128]
+    assert scope["answer"].shape == (2, scope["ids"].shape[1] + 4)
