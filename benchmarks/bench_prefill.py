@@ -52,7 +52,7 @@ def _vision_fn(model, px):
 
 
 def _decode_ms(model, ids, mask, px, device) -> float:
-    from epic_ext.infer import generate_timed
+    from epic_ext.inference import generate_timed
     generate_timed(model, ids, px, mask, max_new_tokens=2)
     best = float("inf")
     for _ in range(3):

@@ -16,7 +16,7 @@ from .ops import (Compressed, IQRSelection, compress, gather_merge, iqr_select, 
 __version__ = "0.1.0"
 
 # The model-level API imports transformers; load it on first use so `import epic_ext` stays light.
-_LAZY = {"apply": ("models", "apply"), "revert": ("models", "revert"), "infer": ("infer", "infer"),
+_LAZY = {"apply": ("models", "apply"), "revert": ("models", "revert"), "infer": ("inference", "infer"),
          "available_methods": ("methods", "available_methods")}
 
 

@@ -145,7 +145,7 @@ def _infer(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .infer import format_reports, infer
+    from .inference import format_reports, infer
     from .models import tiny
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

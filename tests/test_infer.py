@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from epic_ext.cli import main as cli_main
 from epic_ext.cost import prefill_cost
-from epic_ext.infer import format_reports, infer
+from epic_ext.inference import format_reports, infer
 from epic_ext.models import applied_method, apply, revert
 from epic_ext.models.tiny import TinyProcessor, build_tiny_llava, random_pixels, random_prompts
 
