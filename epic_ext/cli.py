@@ -197,6 +197,33 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- train
+
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML file (see epic_ext/train/config.py)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set steps=50")
+
+
+@command("train", "train with EPIC (TCD / LCD / ICD) or an ablation from a YAML config", _configure_train)
+def _train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .train.config import TrainConfig
+    from .train.trainer import train
+
+    data = yaml.safe_load(open(args.config)) or {}
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        data[key] = yaml.safe_load(value)
+    result = train(TrainConfig.from_dict(data), resume=args.resume)
+    last = result.history[-1] if result.history else {}
+    print(f"done: {len(result.history)} steps, last loss {last.get('loss', float('nan')):.4f}, "
+          f"median step {result.step_time_s * 1e3:.0f} ms; model in {result.final_dir}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
