@@ -9,6 +9,7 @@ pure-PyTorch reference); `epic_ext.backends()` says which are available and why 
 """
 from . import reference
 from ._backend import backends, use_backend
+from .attn import attn_scores
 from .kl import fused_linear_kl, kl_div
 from .ops import (Compressed, IQRSelection, compress, gather_merge, iqr_select, resolve_k,
                   select_topk)
@@ -27,5 +28,7 @@ def __getattr__(name):
         return getattr(importlib.import_module(f".{mod}", __name__), attr)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["Compressed", "IQRSelection", "apply", "available_methods", "backends", "infer", "revert", "compress", "fused_linear_kl", "gather_merge",
+
+__all__ = ["Compressed", "IQRSelection", "apply", "attn_scores", "available_methods", "backends", "compress",
+           "fused_linear_kl", "gather_merge", "infer", "revert",
            "iqr_select", "kl_div", "reference", "resolve_k", "select_topk", "use_backend"]

@@ -3,7 +3,9 @@ kernels, or the pure-PyTorch reference.
 
 Every backend module exposes the same functions with the same signatures (see
 csrc/include/epic/ops.h): select_topk, iqr_select, gather_merge, gather_merge_backward,
-compress_topk, kl_div (the reference names it kl_div_fwd). Importing epic_ext never fails because one is missing; `backends()` says why.
+compress_topk, kl_div, attn_scores (the reference names these two kl_div_fwd and attn_scores_fwd:
+its kl_div / attn_scores are the user-level specs). Importing epic_ext never fails because one
+is missing; `backends()` says why.
 
 Selection order for a tensor's device, unless forced:
   cpu tensors  -> "cpu" (epic_ext._C.cpu) else "reference"
@@ -22,6 +24,9 @@ from types import ModuleType
 import torch
 
 NAMES = ("cpu", "cuda", "triton", "reference")
+
+# Reference functions of the kernel contracts whose names differ from the op's.
+_REFERENCE_ENTRY = {"kl_div": "kl_div_fwd", "attn_scores": "attn_scores_fwd"}
 
 _state = threading.local()
 _cache: dict[str, tuple[ModuleType | None, str]] = {}
@@ -132,11 +137,10 @@ def kernel(op: str, device: torch.device):
     """The function implementing `op` for tensors on `device`, and the backend's name."""
     name = resolve(device)
     module = _load(name)[0]
-    if name == "reference" and op == "kl_div":
-        op = "kl_div_fwd"  # reference.kl_div is the user-level spec; the kernel contract differs
-    fn = getattr(module, op, None)
+    ref_op = _REFERENCE_ENTRY.get(op, op)  # the reference's user-level spec has another contract
+    fn = getattr(module, ref_op if name == "reference" else op, None)
     if fn is None:  # a backend that lacks this op (e.g. a kernel not yet written for it)
         if _forced_name() == name:
             raise RuntimeError(f"backend {name!r} has no {op} kernel")
-        return getattr(_load("reference")[0], "kl_div_fwd" if op == "kl_div" else op), "reference"
+        return getattr(_load("reference")[0], ref_op), "reference"
     return fn, name

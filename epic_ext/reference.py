@@ -290,3 +290,75 @@ def kl_div_fwd(student: torch.Tensor, teacher: torch.Tensor, row_mask: torch.Ten
 
 
 KL_REDUCTIONS_BY_CODE = {0: "none", 1: "sum", 2: "mean", 3: "batchmean"}
+
+
+# --------------------------------------------------------------------------- attention scores
+
+ATTN_REDUCTIONS = {"sum": 1, "mean": 2}  # the codes of epic::Reduction (csrc/include/epic/common.h)
+
+
+def _per_sample(value, B: int, device) -> torch.Tensor:
+    """An int or an int64 [B] tensor as an int64 [B] tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.int64).reshape(B)
+    return torch.full((B,), int(value), dtype=torch.int64, device=device)
+
+
+def attn_visible(B: int, Q: int, L: int, kv_start=None, q_pos=None, causal: bool = True,
+                 device=None) -> torch.Tensor:
+    """[B, Q, L] bool: key j is visible to query row i of sample b when j >= kv_start[b] and, if
+    causal, j <= q_pos[b, i] (q_pos None: the queries are the last Q rows, q_pos = L - Q + i)."""
+    j = torch.arange(L, device=device)
+    lo = _per_sample(0 if kv_start is None else kv_start, B, device)
+    vis = j.view(1, 1, L) >= lo.view(B, 1, 1)
+    if causal:
+        if q_pos is None:
+            pos = (L - Q + torch.arange(Q, device=device)).view(1, Q).expand(B, Q)
+        else:
+            pos = q_pos.to(device=device, dtype=torch.int64).reshape(B, Q)
+        vis = vis & (j.view(1, 1, L) <= pos.unsqueeze(-1))
+    return vis.expand(B, Q, L)
+
+
+def attn_scores(q: torch.Tensor, k: torch.Tensor, key_start, key_len: int,
+                lse: torch.Tensor | None = None, scale: float | None = None, reduce: str = "mean",
+                causal: bool = True, kv_start=None, q_pos=None) -> torch.Tensor:
+    """Softmax attention probabilities of a few query rows over a key span, reduced over heads
+    and query rows: the spec of epic_ext.attn_scores. Returns [B, key_len] fp32.
+
+    q [B, H, Q, d], k [B, Hkv, L, d] (head h reads kv head h // (H // Hkv)). Scores
+    s_ij = scale * <q_i, k_j> in fp32 (scale defaults to d ** -0.5). Key j is visible to row i
+    of sample b when j >= kv_start[b] and, if causal, j <= q_pos[b, i] (attn_visible). p_ij =
+    exp(s_ij - lse_i) for visible keys, 0 otherwise, lse_i the log-sum-exp of the row's visible
+    scores (or the given lse [B, H, Q]); a row without visible keys contributes 0. Output
+    out[b, t] = sum or mean over (h, i) of p_ij at j = key_start[b] + t; a span entry outside
+    [0, L) is NaN. Written as the explicit masked softmax over full rows ([B, H, Q, L] in fp32).
+    """
+    B, H, Q, d = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    dev = q.device
+    scale = d ** -0.5 if scale is None else float(scale)
+    kk = k.float().repeat_interleave(H // Hkv, dim=1)                  # [B, H, L, d]
+    s = torch.matmul(q.float(), kk.transpose(-1, -2)) * scale          # [B, H, Q, L]
+    vis = attn_visible(B, Q, L, kv_start, q_pos, causal, dev).unsqueeze(1)  # [B, 1, Q, L]
+    masked = torch.where(vis, s, torch.full_like(s, float("-inf")))
+    row_lse = torch.logsumexp(masked, dim=-1) if lse is None else lse.float()
+    # Rows with no visible key: lse = -inf and every p is 0 (the where drops exp(nan)).
+    p = torch.where(vis, torch.exp(s - row_lse.unsqueeze(-1)), torch.zeros_like(s))
+    red = p.sum(dim=(1, 2)) if reduce == "sum" else p.mean(dim=(1, 2))  # [B, L]
+    j = _per_sample(key_start, B, dev).view(B, 1) + torch.arange(key_len, device=dev).view(1, -1)
+    inside = (j >= 0) & (j < L)
+    out = red.gather(1, j.clamp(0, L - 1))
+    return torch.where(inside, out, torch.full_like(out, float("nan")))
+
+
+def attn_scores_fwd(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None,
+                    key_start: torch.Tensor | None, key_start_int: int, key_len: int,
+                    kv_start: torch.Tensor | None, kv_start_int: int, q_pos: torch.Tensor | None,
+                    scale: float, causal: bool, reduction: int) -> torch.Tensor:
+    """The attn_scores kernel contract (csrc/include/epic/ops.h): per-sample starts are the
+    tensors when given, else the ints; reduction 1 = sum, 2 = mean."""
+    reduce = "sum" if reduction == ATTN_REDUCTIONS["sum"] else "mean"
+    return attn_scores(q, k, key_start if key_start is not None else key_start_int, key_len, lse,
+                       scale, reduce, causal, kv_start if kv_start is not None else kv_start_int,
+                       q_pos)

@@ -37,6 +37,9 @@ PYBIND11_MODULE(_C, m) {
           "weights"_a);
   cpu.def("kl_div", &epic::kl_div_cpu, "student"_a, "teacher"_a, "row_mask"_a, "temperature"_a,
           "reduction"_a, "reverse"_a, "compute_grad"_a, "inplace"_a);
+  cpu.def("attn_scores", &epic::attn_scores_cpu, "q"_a, "k"_a, "lse"_a, "key_start"_a,
+          "key_start_int"_a, "key_len"_a, "kv_start"_a, "kv_start_int"_a, "q_pos"_a, "scale"_a,
+          "causal"_a, "reduction"_a);
 
 #ifdef EPIC_WITH_CUDA
   auto cuda = m.def_submodule("cuda", "CUDA kernels");
@@ -50,5 +53,8 @@ PYBIND11_MODULE(_C, m) {
            "weights"_a);
   cuda.def("kl_div", &epic::kl_div_cuda, "student"_a, "teacher"_a, "row_mask"_a, "temperature"_a,
            "reduction"_a, "reverse"_a, "compute_grad"_a, "inplace"_a);
+  cuda.def("attn_scores", &epic::attn_scores_cuda, "q"_a, "k"_a, "lse"_a, "key_start"_a,
+           "key_start_int"_a, "key_len"_a, "kv_start"_a, "kv_start_int"_a, "q_pos"_a, "scale"_a,
+           "causal"_a, "reduction"_a);
 #endif
 }

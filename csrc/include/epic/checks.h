@@ -140,4 +140,64 @@ inline void check_kl_inputs(const at::Tensor& student, const at::Tensor& teacher
   }
 }
 
+// The attn_scores contract (ops.h). Index tensors are checked for dtype, shape and device only:
+// their values are the Python layer's business (a range check costs a host sync on a GPU).
+inline void check_attn_index(const std::optional<at::Tensor>& t, const char* name, int64_t B,
+                             int64_t Q, bool per_row, const at::Device& device) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_TYPE(t->scalar_type() == at::kLong, name, " must be int64, got ", t->scalar_type());
+  if (per_row) {
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == B && t->size(1) == Q, name,
+                      " must be [B, Q] = [", B, ", ", Q, "], got ", t->sizes());
+  } else {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == B, name, " must be [B] = [", B, "], got ",
+                      t->sizes());
+  }
+  TORCH_CHECK_VALUE(t->device() == device, name, " must be on ", device, ", got ", t->device());
+}
+
+inline void check_attn_inputs(const at::Tensor& q, const at::Tensor& k,
+                              const std::optional<at::Tensor>& lse,
+                              const std::optional<at::Tensor>& key_start, int64_t key_start_int,
+                              int64_t key_len, const std::optional<at::Tensor>& kv_start,
+                              const std::optional<at::Tensor>& q_pos, double scale,
+                              int64_t reduction) {
+  TORCH_CHECK_VALUE(q.dim() == 4, "q must be 4-D [B, H, Q, d], got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 4, "k must be 4-D [B, Hkv, L, d], got shape ", k.sizes());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+                   "q must be float32/float16/bfloat16, got ", dt);
+  TORCH_CHECK_TYPE(k.scalar_type() == dt, "k must have q's dtype ", dt, ", got ", k.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device(), "k must be on ", q.device(), ", got ", k.device());
+  const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), d = q.size(3);
+  const int64_t Hkv = k.size(1), L = k.size(2);
+  TORCH_CHECK_VALUE(H >= 1 && Q >= 1 && d >= 1, "q must have H, Q, d >= 1, got ", q.sizes());
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(3) == d, "k must be [B, Hkv, L, d] with B = ", B,
+                    " and d = ", d, ", got ", k.sizes());
+  TORCH_CHECK_VALUE(Hkv >= 1 && H % Hkv == 0, "k's head count Hkv = ", Hkv,
+                    " must divide q's H = ", H);
+  TORCH_CHECK_VALUE(key_len >= 1 && key_len <= L, "key_len must be in [1, L] = [1, ", L,
+                    "], got ", key_len);
+  if (!key_start.has_value()) {
+    TORCH_CHECK_VALUE(key_start_int >= 0 && key_start_int <= L - key_len,
+                      "key_start must be in [0, L - key_len] = [0, ", L - key_len, "], got ",
+                      key_start_int);
+  }
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(reduction == kReduceSum || reduction == kReduceMean,
+                    "reduction code must be 1 (sum) or 2 (mean), got ", reduction);
+  if (lse.has_value()) {
+    TORCH_CHECK_TYPE(lse->scalar_type() == at::kFloat, "lse must be float32, got ",
+                     lse->scalar_type());
+    TORCH_CHECK_VALUE(lse->dim() == 3 && lse->size(0) == B && lse->size(1) == H &&
+                          lse->size(2) == Q,
+                      "lse must be [B, H, Q] = [", B, ", ", H, ", ", Q, "], got ", lse->sizes());
+    TORCH_CHECK_VALUE(lse->device() == q.device(), "lse must be on ", q.device(), ", got ",
+                      lse->device());
+  }
+  check_attn_index(key_start, "key_start", B, Q, false, q.device());
+  check_attn_index(kv_start, "kv_start", B, Q, false, q.device());
+  check_attn_index(q_pos, "q_pos", B, Q, true, q.device());
+}
+
 }  // namespace epic

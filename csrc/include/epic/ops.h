@@ -22,6 +22,18 @@
 //       d loss / d student already divided by the normaliser (rows for batchmean, rows * V for
 //       mean), zero for masked-out rows, in the logits' dtype (written over student if inplace),
 //       or an empty tensor when compute_grad is false.
+//   attn_scores(q[B,H,Q,d], k[B,Hkv,L,d], lse[B,H,Q] fp32?, key_start[B] int64?, key_start_int,
+//               key_len, kv_start[B] int64?, kv_start_int, q_pos[B,Q] int64?, scale, causal,
+//               reduction) -> out[B, key_len] fp32: softmax probabilities of the query rows over
+//       the keys they see, at keys j = start_b + t (start_b = key_start[b], or key_start_int
+//       without the tensor), summed (reduction 1) or averaged (2) over the H*Q rows. Head h reads
+//       kv head h / (H / Hkv). Scores s = scale <q, k> in fp32. Key j is visible to row (b, i) when
+//       j >= kv_start[b] (or kv_start_int) and, if causal, j <= q_pos[b, i] (absent: L - Q + i);
+//       invisible keys contribute 0, so does a row without visible keys. p = exp(s - lse) with the
+//       given row log-sum-exp, else that of the row's visible scores (online, K read once). Span
+//       entries outside [0, L) are NaN. Index tensors are not range-checked (the Python layer does
+//       that on request): any value is memory-safe. q may have any strides, k any strides with
+//       the last dimension copied to unit stride when it is not.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -49,6 +61,13 @@ std::tuple<at::Tensor, at::Tensor> kl_div_cpu(const at::Tensor& student, const a
                                               double temperature, int64_t reduction, bool reverse,
                                               bool compute_grad, bool inplace);
 
+at::Tensor attn_scores_cpu(const at::Tensor& q, const at::Tensor& k,
+                           const std::optional<at::Tensor>& lse,
+                           const std::optional<at::Tensor>& key_start, int64_t key_start_int,
+                           int64_t key_len, const std::optional<at::Tensor>& kv_start,
+                           int64_t kv_start_int, const std::optional<at::Tensor>& q_pos,
+                           double scale, bool causal, int64_t reduction);
+
 #ifdef EPIC_WITH_CUDA
 at::Tensor select_topk_cuda(const at::Tensor& scores, int64_t k);
 std::tuple<at::Tensor, at::Tensor> iqr_select_cuda(const at::Tensor& scores, double whisker,
@@ -67,6 +86,12 @@ std::tuple<at::Tensor, at::Tensor> kl_div_cuda(const at::Tensor& student, const 
                                                const std::optional<at::Tensor>& row_mask,
                                                double temperature, int64_t reduction, bool reverse,
                                                bool compute_grad, bool inplace);
+at::Tensor attn_scores_cuda(const at::Tensor& q, const at::Tensor& k,
+                            const std::optional<at::Tensor>& lse,
+                            const std::optional<at::Tensor>& key_start, int64_t key_start_int,
+                            int64_t key_len, const std::optional<at::Tensor>& kv_start,
+                            int64_t kv_start_int, const std::optional<at::Tensor>& q_pos,
+                            double scale, bool causal, int64_t reduction);
 #endif
 
 }  // namespace epic
