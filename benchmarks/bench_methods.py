@@ -725,6 +725,8 @@ def table(rows: list[dict], prefill: dict) -> str:
     lines = [head]
     for (m, w, B), d in by.items():
         e, o = d.get("eager"), d.get("ours")
+        if e is None or o is None:
+            continue
         if (e and e.get("skipped")) or (o and o.get("skipped")):
             why = (e or {}).get("skipped") or (o or {}).get("skipped")
             lines.append(f"{m:<14} {w:<5} {B:>3} skipped: {why}")

@@ -157,7 +157,11 @@ def _param_groups(model, cfg: TrainConfig):
             {"params": vision, "lr": cfg.vision_lr, "weight_decay": cfg.weight_decay}]
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, accelerator=None, log=print) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: bool = False, accelerator=None, log=print,
+          stop_after: Optional[int] = None) -> TrainResult:
+    """Run (or, with ``resume``, continue) the training ``cfg`` describes. ``stop_after`` ends
+    this run after that global step with a checkpoint, as an interrupted job would (a time
+    limited allocation); the next ``resume`` continues exactly."""
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
@@ -218,7 +222,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, accelerator=None, log=print
     if micro is None:
         raise ValueError(f"batch_size: {cfg.batch_size} must be a multiple of grad_accum {cfg.grad_accum}")
     times = []
-    for step in range(start, cfg.steps):
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    for step in range(start, end):
         t0 = time.perf_counter()
         plan = schedule.plan(progress(step, cfg.steps), step_rng(cfg.seed, step))
         indices = batch_indices(len(dataset), cfg.batch_size, step, cfg.seed)
@@ -261,9 +266,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, accelerator=None, log=print
                             cfg.keep_checkpoints)
     if bar is not None:
         bar.close()
-    save_checkpoint(accelerator, out_dir, cfg.steps, {"step": cfg.steps, "history": history}, cfg.keep_checkpoints)
+    save_checkpoint(accelerator, out_dir, end, {"step": end, "history": history}, cfg.keep_checkpoints)
     final = out_dir / "final"
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and end == cfg.steps:
         _save_final(accelerator.unwrap_model(module).model, tokenizer, final)
         (out_dir / "history.json").write_text(json.dumps(history, indent=1))
     if writer is not None:
