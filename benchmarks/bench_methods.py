@@ -157,7 +157,9 @@ def llm_context_tiny(model, B: int, device) -> LLMBundle:
         return LLMSelection(torch.arange(n, device=ctx.hidden.device).expand(b, n))
 
     spec = MethodSpec("bench-capture", "llm", LLMMethodConfig, capture)
-    lm, layers = llava._text_modules(model)
+    from epic_ext.models.decoder import _rope_fn, text_modules
+    lm = model.model.language_model
+    layers = text_modules(lm)
     prev = layers[LAYER - 1]
     hook = prev.self_attn.q_proj.register_forward_hook(
         lambda _m, _i, out: got.__setitem__("q", out.detach()))
@@ -174,7 +176,7 @@ def llm_context_tiny(model, B: int, device) -> LLMBundle:
     # The reduced forward's positions: arange(L) for every row (left padding included).
     pos = torch.arange(L, device=device)[None].expand(B, -1)
     cos, sin = lm.rotary_emb(ctx.hidden, pos)
-    q_all, _ = llava._rope_fn(prev)(q, q, cos, sin)
+    q_all, _ = _rope_fn(prev)(q, q, cos, sin)
     rows = q_all[torch.arange(B, device=device), :, ctx.query_index]          # [B, H, d]
     note = ""
     if not torch.allclose(rows, ctx.query[:, :, 0], rtol=1e-4, atol=1e-5):
