@@ -11,7 +11,7 @@ export EPIC_EXT_CUDA ?= auto
 KERNEL_SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh csrc/include/epic/*.h python/*.cpp) setup.py
 CMAKE_DIR := build/cmake
 
-.PHONY: all build test test-python test-cpp test-asan demo bench clean
+.PHONY: all build test test-python test-cpp test-asan demo demo-quick bench clean
 
 all: build
 
@@ -44,7 +44,10 @@ test-python: build
 test: test-cpp test-python
 
 demo: build
-	$(VENV)/bin/epic-ext bench --quick
+	$(VENV)/bin/epic-ext demo --out runs/demo
+
+demo-quick: build
+	$(VENV)/bin/epic-ext demo --quick --out runs/demo-quick
 
 bench: build
 	$(VENV)/bin/epic-ext bench

@@ -5,6 +5,7 @@ through the same code.
 
 Presets:
 * ``"tiny"``: 4-layer CLIP (hidden 64) + 4-layer Llama (hidden 128): unit tests, demos.
+* ``"demo"``: 2-layer CLIP + 4-layer Llama of hidden 64: the EPIC demo (trains on a CPU).
 * ``"llava-1.5-7b-depth"``: LLaVA-1.5-7B's depth (24-layer CLIP, 32-layer LLM) with small
   widths (CLIP hidden 64, LLM hidden 512): prefill/decode benchmarks on a CPU.
 """
@@ -43,6 +44,9 @@ class TinyLlavaSpec:
 
 
 PRESETS["tiny"] = TinyLlavaSpec()
+# The demo's model: narrow enough that a CPU trains it for hundreds of steps in minutes.
+PRESETS["demo"] = TinyLlavaSpec(text_hidden=64, text_heads=2, text_kv_heads=1, text_intermediate=128,
+                                vision_layers=2)
 PRESETS["llava-1.5-7b-depth"] = TinyLlavaSpec(text_hidden=512, text_layers=32, text_heads=8, text_kv_heads=8,
                                               text_intermediate=1376, vision_layers=24)
 

@@ -13,6 +13,7 @@ same global batch.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -54,6 +55,16 @@ def _rows_of(seq: Sequence, b: Tensor, p: Tensor, length: int) -> Tensor:
     src = torch.where(seq.kept >= 0, seq.kept, length)
     inv.scatter_(1, src, torch.arange(cur, device=seq.kept.device).expand(bsz, -1))
     return seq.hidden[b, inv[b, p]]
+
+
+def _gathered(module):
+    """The LM head's full weight for the fused KL, which reads it outside the module's forward:
+    under DeepSpeed ZeRO-3 parameters are partitioned and only a module call gathers them."""
+    weight = module.weight
+    if hasattr(weight, "ds_id"):
+        import deepspeed
+        return deepspeed.zero.GatheredParameters([weight] + ([module.bias] if module.bias is not None else []))
+    return contextlib.nullcontext()
 
 
 def _reduction(model, method: str, setting: Setting, n_image: int, options: dict) -> Optional[LayerReduction]:
@@ -105,8 +116,9 @@ def epic_forward(model, batch: dict, plan: StepPlan, *, method: str = "dart", me
             else:
                 teacher = run_layers(lm, prefix.detach(), split, n_layers, reduction=red_t)
             h_t = lm.norm(_rows_of(teacher, b, p, length)).detach()
-        kl = fused_linear_kl(h_s, h_t, model.lm_head.weight, model.lm_head.bias, temperature=plan.temperature,
-                             reduction="sum") / norm
+        with _gathered(model.lm_head):
+            kl = fused_linear_kl(h_s, h_t, model.lm_head.weight, model.lm_head.bias,
+                                 temperature=plan.temperature, reduction="sum") / norm
     loss = (1 - plan.kl_weight) * sft + plan.kl_weight * kl
     return StepOutput(loss=loss, sft=sft.detach(), kl=kl.detach(), answer_tokens=int(len(target)))
 

@@ -1,0 +1,191 @@
+"""The EPIC experiment in miniature (``make demo`` / ``epic-ext demo``).
+
+A tiny LLaVA is trained from scratch on a synthetic visual QA task (coloured shapes on a grid;
+questions about colour, shape, position, count) at all 576 visual tokens ("vanilla"). From that
+checkpoint four short continuations run at the same step budget:
+  direct  the target compression from step 0, no teacher (the paper's "w/o progressive,
+          w/o teacher" baseline)
+  tcd     token-wise progressive consistency distillation (DART at layer 2)
+  lcd     layer-wise (compression layer moves from deep to shallow)
+  icd     both
+Each model is evaluated at 576 / 192 / 128 / 64 / 36 visual tokens with DART, FastV and random.
+The accuracy table, an efficiency table (KV bytes, FLOPs, measured prefill) and a plot are
+written under the output folder and benchmarks/results/.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+BUDGETS = (576, 192, 128, 64, 36)
+METHODS = ("dart", "fastv", "random")
+VARIANTS = ("vanilla", "direct", "tcd", "lcd", "icd")
+
+
+@dataclass
+class DemoRecipe:
+    model: str = "demo"
+    n_train: int = 4096
+    n_eval: int = 128
+    vanilla_steps: int = 400
+    continue_steps: int = 120
+    batch_size: int = 8
+    lr: float = 5e-3
+    continue_lr: float = 2e-3
+    vision_lr: float = 5e-3
+    target_keep: int = 64             # direct's budget; EPIC's schedules end near it
+    layer: int = 2
+    synthetic: dict = field(default_factory=lambda: {"grid": 2, "min_objects": 1, "max_objects": 2})
+    budgets: tuple = BUDGETS
+    methods: tuple = METHODS
+    eval_batch: int = 64
+
+
+FULL = DemoRecipe()
+QUICK = DemoRecipe(n_train=32, n_eval=8, vanilla_steps=4, continue_steps=2, batch_size=4, budgets=(576, 64),
+                   methods=("dart",), eval_batch=8)
+
+
+def _schedules(recipe: DemoRecipe, n_layers: int) -> dict:
+    from .schedules import kept_tokens  # noqa: F401  (documents the ratio convention)
+    target = 1 - recipe.target_keep / 576
+    return {
+        "direct": ("direct", {"target_ratio": target, "layer": recipe.layer}),
+        "tcd": ("tcd", {"preset": "paper", "layer": recipe.layer}),
+        "lcd": ("lcd", {"num_layers": n_layers, "l_min": recipe.layer}),
+        "icd": ("icd", {"num_layers": n_layers, "l_min": recipe.layer}),
+    }
+
+
+def run_demo(out_dir="runs/demo", quick: bool = False, recipe: DemoRecipe | None = None, log=print) -> dict:
+    from ..cost import prefill_cost
+    from .config import TrainConfig
+    from .data import LlavaConversationDataset
+    from .evaluate import evaluate
+    from .synthetic import generate, majority_baseline, render_images
+    from .tokenizer import build_tokenizer
+    from .trainer import train
+
+    recipe = recipe or (QUICK if quick else FULL)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    base = dict(model=recipe.model, data={"synthetic": {"n": recipe.n_train, "seed": 0, **recipe.synthetic}},
+                batch_size=recipe.batch_size, vision_lr=recipe.vision_lr, tensorboard=False, progress=True,
+                log_every=0, seed=0, method="dart")
+
+    def reset():
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(True)
+
+    log(f"[demo] vanilla training at 576 tokens: {recipe.vanilla_steps} steps")
+    reset()
+    vanilla = train(TrainConfig.from_dict({**base, "schedule": "direct", "schedule_options": {"target_ratio": 0.0},
+                                           "steps": recipe.vanilla_steps, "lr": recipe.lr,
+                                           "output_dir": str(out / "vanilla")}))
+    runs = {"vanilla": vanilla}
+    from transformers import LlavaForConditionalGeneration
+    n_layers = LlavaForConditionalGeneration.from_pretrained(vanilla.final_dir).config.text_config.num_hidden_layers
+    for name, (schedule, options) in _schedules(recipe, n_layers).items():
+        log(f"[demo] {name}: {recipe.continue_steps} steps from vanilla")
+        reset()
+        runs[name] = train(TrainConfig.from_dict({**base, "schedule": schedule, "schedule_options": options,
+                                                  "init_from": vanilla.final_dir, "steps": recipe.continue_steps,
+                                                  "lr": recipe.continue_lr, "warmup_ratio": 0.0,
+                                                  "output_dir": str(out / name)}))
+    t_train = time.time() - t_start
+
+    tok = build_tokenizer(model_vocab(vanilla.final_dir))
+    records = generate(recipe.n_eval, seed=12345, **recipe.synthetic)
+    ds = LlavaConversationDataset(records, render_images(records), tok)
+    samples = [ds[i] for i in range(len(ds))]
+    acc, timing = {}, {}
+    for name, run in runs.items():
+        model = LlavaForConditionalGeneration.from_pretrained(run.final_dir).eval()
+        for method in recipe.methods:
+            for keep in recipe.budgets:
+                if keep == 576 and method != recipe.methods[0]:
+                    acc[(name, method, keep)] = acc[(name, recipe.methods[0], keep)]
+                    continue
+                r = evaluate(model, samples, tok, method=method, keep=keep, layer=recipe.layer,
+                             batch_size=recipe.eval_batch)
+                acc[(name, method, keep)] = r["accuracy"]
+                timing[(method, keep)] = r
+        log(f"[demo] evaluated {name}")
+    cfg = model.config
+    prompt_len = int(sum(len(s["input_ids"][:s["query_index"] + 1]) for s in samples) / len(samples))
+    eff = []
+    for keep in recipe.budgets:
+        cost = prefill_cost(cfg, prompt_len, keep, recipe.layer if keep < 576 else 0, bytes_per_element=4)
+        r = timing.get((recipe.methods[0], keep))
+        eff.append({"keep": keep, "kv_bytes": cost.kv_bytes, "prefill_gflop": cost.flops / 1e9,
+                    "prefill_ms_per_batch": None if r is None else r["prefill_s"] * 1e3,
+                    "decode_ms_per_token": None if r is None else r["decode_s_per_token"] * 1e3})
+    result = {"recipe": recipe.__dict__ | {"budgets": list(recipe.budgets), "methods": list(recipe.methods)},
+              "question_only_baseline": majority_baseline(generate(2000, seed=777, **recipe.synthetic)),
+              "accuracy": [{"variant": v, "method": m, "keep": k, "accuracy": a} for (v, m, k), a in acc.items()],
+              "efficiency": eff, "train_seconds": t_train, "total_seconds": time.time() - t_start,
+              "step_time_s": {name: run.step_time_s for name, run in runs.items()}}
+    (out / "demo.json").write_text(json.dumps(result, indent=1))
+    log(format_tables(result))
+    _plot(result, out / "demo.png")
+    return result
+
+
+def model_vocab(folder) -> int:
+    return json.loads((Path(folder) / "config.json").read_text())["text_config"]["vocab_size"]
+
+
+def format_tables(result: dict) -> str:
+    budgets = result["recipe"]["budgets"]
+    methods = result["recipe"]["methods"]
+    acc = {(r["variant"], r["method"], r["keep"]): r["accuracy"] for r in result["accuracy"]}
+    variants = [v for v in VARIANTS if any(k[0] == v for k in acc)]
+    lines = [f"accuracy (exact match, {result['recipe']['n_eval']} held-out questions; question-only baseline "
+             f"{result['question_only_baseline']:.2f})"]
+    for method in methods:
+        lines.append(f"  {method:<8}" + "".join(f"{k:>8}" for k in budgets))
+        for v in variants:
+            lines.append(f"  {v:<8}" + "".join(f"{acc.get((v, method, k), float('nan')):>8.3f}" for k in budgets))
+    lines.append("efficiency per request (cost model; prefill time measured per eval batch, DART)")
+    lines.append(f"  {'tokens':>6} {'KV MiB':>8} {'GFLOP':>8} {'prefill ms':>11} {'decode ms/tok':>14}")
+    for e in result["efficiency"]:
+        pre = "-" if e["prefill_ms_per_batch"] is None else f"{e['prefill_ms_per_batch']:.1f}"
+        dec = "-" if e["decode_ms_per_token"] is None else f"{e['decode_ms_per_token']:.2f}"
+        lines.append(f"  {e['keep']:>6} {e['kv_bytes'] / 2**20:>8.2f} {e['prefill_gflop']:>8.2f} {pre:>11} {dec:>14}")
+    lines.append(f"training {result['train_seconds']:.0f} s, total {result['total_seconds']:.0f} s; median step: "
+                 + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in result["step_time_s"].items()))
+    return "\n".join(lines)
+
+
+def _plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    budgets = result["recipe"]["budgets"]
+    methods = result["recipe"]["methods"]
+    acc = {(r["variant"], r["method"], r["keep"]): r["accuracy"] for r in result["accuracy"]}
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.6), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for v in VARIANTS:
+            ys = [acc.get((v, method, k)) for k in budgets]
+            if any(y is not None for y in ys):
+                ax.plot(budgets, ys, marker="o", label=v)
+        ax.set_xscale("log")
+        ax.set_xticks(list(budgets))
+        ax.set_xticklabels([str(b) for b in budgets])
+        ax.set_xlabel("visual tokens kept")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"evaluated with {method}")
+        ax.axhline(result["question_only_baseline"], color="grey", lw=0.8, ls="--")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
