@@ -1,7 +1,8 @@
 """The EPIC experiment in miniature (``make demo`` / ``epic-ext demo``).
 
-A tiny LLaVA is trained from scratch on a synthetic visual QA task (coloured shapes on a grid;
-questions about colour, shape, position, count) at all 576 visual tokens ("vanilla"). From that
+A tiny LLaVA is trained from scratch on a synthetic visual QA task (a coloured shape on a grid;
+by default questions about its colour and position, whose answers sit in the object's patches)
+at all 576 visual tokens ("vanilla"). From that
 checkpoint four short continuations run at the same step budget:
   direct  the target compression from step 0, no teacher (the paper's "w/o progressive,
           w/o teacher" baseline)
@@ -30,16 +31,20 @@ VARIANTS = ("vanilla", "direct", "tcd", "lcd", "icd")
 class DemoRecipe:
     model: str = "demo"
     n_train: int = 4096
-    n_eval: int = 128
-    vanilla_steps: int = 400
-    continue_steps: int = 120
+    n_eval: int = 192
+    vanilla_steps: int = 900
+    continue_steps: int = 150
     batch_size: int = 8
-    lr: float = 5e-3
-    continue_lr: float = 2e-3
-    vision_lr: float = 5e-3
+    lr: float = 3e-3
+    continue_lr: float = 1e-3
+    vision_lr: float = 3e-3
     target_keep: int = 64             # direct's budget; EPIC's schedules end near it
     layer: int = 2
-    synthetic: dict = field(default_factory=lambda: {"grid": 2, "min_objects": 1, "max_objects": 2})
+    # One object on a 2x2 grid, colour and position questions: the answer sits in the object's
+    # patches, and a model trained from scratch on 2 CPU cores learns to read them in minutes.
+    # Shape and count questions need shape recognition, which this budget does not buy.
+    synthetic: dict = field(default_factory=lambda: {"grid": 2, "min_objects": 1, "max_objects": 1,
+                                                     "question_types": ("colour", "position")})
     budgets: tuple = BUDGETS
     methods: tuple = METHODS
     eval_batch: int = 64
