@@ -184,6 +184,7 @@ def _plot(result: dict, path: Path) -> None:
             if any(y is not None for y in ys):
                 ax.plot(budgets, ys, marker="o", label=v)
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(list(budgets))
         ax.set_xticklabels([str(b) for b in budgets])
         ax.set_xlabel("visual tokens kept")
