@@ -48,6 +48,7 @@ class DemoRecipe:
     budgets: tuple = BUDGETS
     methods: tuple = METHODS
     eval_batch: int = 64
+    seed: int = 0                     # model init, data order and training data (evaluation data is fixed)
 
 
 FULL = DemoRecipe()
@@ -66,7 +67,8 @@ def _schedules(recipe: DemoRecipe, n_layers: int) -> dict:
     }
 
 
-def run_demo(out_dir="runs/demo", quick: bool = False, recipe: DemoRecipe | None = None, log=print) -> dict:
+def run_demo(out_dir="runs/demo", quick: bool = False, recipe: DemoRecipe | None = None, log=print,
+             seed: int | None = None) -> dict:
     from ..cost import prefill_cost
     from .config import TrainConfig
     from .data import LlavaConversationDataset
@@ -76,12 +78,15 @@ def run_demo(out_dir="runs/demo", quick: bool = False, recipe: DemoRecipe | None
     from .trainer import train
 
     recipe = recipe or (QUICK if quick else FULL)
+    if seed is not None:
+        from dataclasses import replace
+        recipe = replace(recipe, seed=seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    base = dict(model=recipe.model, data={"synthetic": {"n": recipe.n_train, "seed": 0, **recipe.synthetic}},
+    base = dict(model=recipe.model, data={"synthetic": {"n": recipe.n_train, "seed": recipe.seed, **recipe.synthetic}},
                 batch_size=recipe.batch_size, vision_lr=recipe.vision_lr, tensorboard=False, progress=True,
-                log_every=0, seed=0, method="dart")
+                log_every=0, seed=recipe.seed, method="dart")
 
     def reset():
         from accelerate.state import AcceleratorState
