@@ -230,7 +230,7 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (CI)")
     p.add_argument("--out", default="runs/demo", help="output folder (models, demo.json, demo.png)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=None, help="training seed (default 0: the committed results)")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: the recipe's, whose results are committed)")
 
 
 @command("demo", "the EPIC experiment in miniature: train vanilla, then direct / TCD / LCD / ICD on a "
