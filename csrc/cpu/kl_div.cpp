@@ -19,72 +19,16 @@
 
 #include "epic/checks.h"
 #include "epic/ops.h"
+#include "vec8.h"
 
 namespace epic {
 
 namespace {
 
-// Eight fp32 lanes as a GCC vector: one ymm register in the AVX2 clone, two xmm otherwise.
-using v8f = float __attribute__((vector_size(32)));
-using v8i = int32_t __attribute__((vector_size(32)));
-using v8u16 = uint16_t __attribute__((vector_size(16)));
-constexpr int kLanes = 8;
+using namespace cpu::vec8;  // v8f, splat, exp8, exp1, load8, hmax (force-inlined: see vec8.h)
 constexpr int64_t kBlock = 256;  // lane partial sums are folded into double every kBlock entries
-// Every helper taking or returning a v8f is force-inlined: the AVX2 clone and the default code
-// pass 32-byte vectors differently (ymm register vs memory), so no call may cross that boundary.
-#define EPIC_VEC_INLINE __attribute__((always_inline)) inline
 
-EPIC_VEC_INLINE v8f splat(float x) { return v8f{} + x; }
-
-// exp(x) on 8 lanes, relative error ~2 ulp on [-87, 88]; 0 below (incl. -inf), inf above.
-EPIC_VEC_INLINE v8f exp8(v8f x) {
-  const v8f lo = splat(-87.0f), hi = splat(88.0f);
-  v8f xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  const v8f t = xc * 1.44269504088896341f;
-  const v8i ni = __builtin_convertvector(t + (t >= 0.0f ? splat(0.5f) : splat(-0.5f)), v8i);
-  const v8f n = __builtin_convertvector(ni, v8f);
-  v8f r = xc - n * 0.693359375f;  // ln2 split in two so that n * ln2 is exact
-  r = r - n * (-2.12194440e-4f);
-  v8f p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const v8f y = p * reinterpret_cast<v8f>((ni + 127) << 23);
-  const v8f inf = splat(std::numeric_limits<float>::infinity());
-  return x < lo ? splat(0.0f) : (x > hi ? inf : y);
-}
-
-EPIC_VEC_INLINE float exp1(float x) {  // scalar tail, same arithmetic
-  return exp8(splat(x))[0];
-}
-
-// Load 8 logits as fp32.
-EPIC_VEC_INLINE v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-EPIC_VEC_INLINE v8f load8(const c10::BFloat16* p) {
-  v8u16 h;
-  std::memcpy(&h, p, sizeof(h));
-  return reinterpret_cast<v8f>(__builtin_convertvector(h, v8i) << 16);
-}
-EPIC_VEC_INLINE v8f load8(const c10::Half* p) {
-  float f[kLanes];
-  for (int j = 0; j < kLanes; ++j) f[j] = static_cast<float>(p[j]);
-  return load8(f);
-}
-
-EPIC_VEC_INLINE float hmax(v8f v) {
-  float m = v[0];
-  for (int j = 1; j < kLanes; ++j) m = std::max(m, v[j]);
-  return m;
-}
-EPIC_VEC_INLINE double hsum(v8f v) {
+EPIC_VEC_INLINE double hsum64(v8f v) {  // in double, unlike vec8's float hsum
   double s = 0;
   for (int j = 0; j < kLanes; ++j) s += v[j];
   return s;
@@ -128,7 +72,7 @@ EPIC_VEC_INLINE double kl_row(const T* s, const T* t, int64_t V, float inv_tau,
       const v8f d = kReverse ? (xa - xb) : (xb - xa);
       pS += w > 0.0f ? w * d : splat(0.0f);  // no mass, no term (avoids 0 * inf)
     }
-    za += hsum(pza), zb += hsum(pzb), S += hsum(pS);
+    za += hsum64(pza), zb += hsum64(pzb), S += hsum64(pS);
   }
   for (int64_t v = Vl; v < V; ++v) {
     const float xa = static_cast<float>(s[v]) * inv_tau - ma;

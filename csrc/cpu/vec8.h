@@ -2,8 +2,8 @@
 // the loads of fp32 / bf16 / fp16 storage and a polynomial exp. Every helper is force-inlined:
 // an AVX2 clone and the default code pass 32-byte vectors differently (ymm register vs memory),
 // so no call may cross that boundary; callers wrap their loops in a
-// __attribute__((target_clones("avx2", "default"))) function. (kl_div.cpp carries the same
-// arithmetic inline.)
+// __attribute__((target_clones("avx2", "default"))) function. Used by attn_scores.cpp and
+// kl_div.cpp.
 #pragma once
 
 #include <c10/util/BFloat16.h>
