@@ -304,6 +304,14 @@ class TCD:
                         self.kl_weight, self.temperature)
 
 
+def _lcd_layers(p: float, num_layers: int, l_min: int, layer_gap: int) -> tuple[int, int]:
+    """(student, teacher) compression layers of LCD/ICD at progress p. The teacher is clamped to
+    the last layer: near p = 0 it then equals the student (KL ~ 0) rather than stepping outside
+    the decoder."""
+    l_s = lcd_layer(p, num_layers, l_min)
+    return l_s, min(num_layers - 1, l_s + layer_gap)
+
+
 @dataclass(frozen=True)
 class LCD:
     """Layer-wise consistency distillation: the compression layer moves from the deepest layer
@@ -318,10 +326,7 @@ class LCD:
     def plan(self, progress: float, rng: Rng) -> StepPlan:
         p = _check_progress(progress)
         r = _uniform(rng, *self.ratio_range)
-        l_s = lcd_layer(p, self.num_layers, self.l_min)
-        # Clamped to the last layer: near p = 0 the teacher then equals the student (KL ~ 0),
-        # rather than stepping outside the decoder.
-        l_t = min(self.num_layers - 1, l_s + self.layer_gap)
+        l_s, l_t = _lcd_layers(p, self.num_layers, self.l_min, self.layer_gap)
         return StepPlan(Setting(r, l_s), Setting(r, l_t), self.kl_weight, self.temperature)
 
 
@@ -339,8 +344,7 @@ class ICD:
         p = _check_progress(progress)
         r_s = _uniform(rng, self.preset.r_min(p), self.preset.r_max(p))
         r_t = max(0.0, r_s - self.preset.gap(p))
-        l_s = lcd_layer(p, self.num_layers, self.l_min)
-        l_t = min(self.num_layers - 1, l_s + self.layer_gap)
+        l_s, l_t = _lcd_layers(p, self.num_layers, self.l_min, self.layer_gap)
         return StepPlan(Setting(r_s, l_s), Setting(r_t, l_t), self.kl_weight, self.temperature)
 
 
