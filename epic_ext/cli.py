@@ -231,6 +231,11 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (models, demo.json, demo.png)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=None, help="training seed (default: the recipe's, whose results are committed)")
+    p.add_argument("--protocol", choices=("continue", "scratch"), default=None,
+                   help="continue: variants start from the vanilla checkpoint (default); scratch: from the random init")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated subset of direct,no-progressive,tcd,tcd-official,lcd,icd")
+    p.add_argument("--reuse", action="store_true", help="keep runs already in --out that were trained from the same config")
 
 
 @command("demo", "the EPIC experiment in miniature: train vanilla, then direct / TCD / LCD / ICD on a "
@@ -241,12 +246,24 @@ def _demo(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .train.demo import run_demo
+    from dataclasses import replace
+
+    from .train.demo import FULL, QUICK, run_demo
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_demo(args.out, quick=args.quick, seed=args.seed)
-    if not args.quick and args.seed is None:
+    recipe = QUICK if args.quick else FULL
+    changes = {}
+    if args.protocol:
+        changes["protocol"] = args.protocol
+    if args.variants:
+        changes["variants"] = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    try:
+        recipe = replace(recipe, **changes)
+    except ValueError as e:
+        raise SystemExit(f"epic-ext demo: {e}")
+    result = run_demo(args.out, recipe=recipe, seed=args.seed, reuse=args.reuse)
+    if not args.quick and args.seed is None and not changes:
         # Keep the tables and plot with the project's measured results, named by machine.
         from benchmarks.common import RESULTS_DIR, machine_info
         slug = machine_info("cpu")["slug"]

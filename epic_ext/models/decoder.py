@@ -75,8 +75,10 @@ def llm_context(lm, seq: Sequence, layer: int, pos_emb) -> LLMContext:
         q = q.gather(1, seq.query_index[:, None, None, None].expand(-1, 1, q.shape[2], hd)).transpose(1, 2)
         rows = seq.query_index[:, None, None].expand(-1, 1, cos.shape[-1])
         cos_q, sin_q = cos.expand(b, -1, -1).gather(1, rows), sin.expand(b, -1, -1).gather(1, rows)
-        query, _ = rope(q, q, cos_q, sin_q)
-        _, keys = rope(k, k, cos, sin)
+        # The model's own RoPE takes (q, k) pairs; an empty slice of heads as the unused partner
+        # (it broadcasts to zero elements) rotates each tensor once.
+        query, _ = rope(q, q[:, :0], cos_q, sin_q)
+        _, keys = rope(k[:, :0], k, cos, sin)
         scale = attn.scaling
     side = int(round(seq.n_image ** 0.5))
     return LLMContext(hidden=seq.hidden, image_start=seq.start, num_image_tokens=seq.n_image,

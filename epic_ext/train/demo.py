@@ -2,16 +2,20 @@
 
 A tiny LLaVA is trained from scratch on a synthetic visual QA task (a coloured shape on a grid;
 by default questions about its colour and position, whose answers sit in the object's patches)
-at all 576 visual tokens ("vanilla"). From that
-checkpoint four short continuations run at the same step budget:
-  direct  the target compression from step 0, no teacher (the paper's "w/o progressive,
-          w/o teacher" baseline)
-  tcd     token-wise progressive consistency distillation (DART at layer 2)
-  lcd     layer-wise (compression layer moves from deep to shallow)
-  icd     both
+at all 576 visual tokens ("vanilla"). From that checkpoint short continuations run at the same
+step budget (``protocol="continue"``, the default):
+  direct          the target compression from step 0, no teacher (the paper's "w/o progressive,
+                  w/o teacher" ablation)
+  no-progressive  the target compression from step 0 with a teacher at the final gap
+  tcd             token-wise progressive consistency distillation (DART at layer 2), "paper" preset
+  tcd-official    the same with the released code's preset (not in the default run)
+  lcd             layer-wise (compression layer moves from deep to shallow)
+  icd             both
+``protocol="scratch"`` trains every variant from the random init for the vanilla budget instead:
+the paper's setting, where EPIC replaces the SFT stage.
 Each model is evaluated at 576 / 192 / 128 / 64 / 36 visual tokens with DART, FastV and random.
 The accuracy table, an efficiency table (KV bytes, FLOPs, measured prefill) and a plot are
-written under the output folder and benchmarks/results/.
+written under the output folder; ``benchmarks/demo_sweep.py`` repeats it over seeds.
 """
 from __future__ import annotations
 
@@ -24,7 +28,9 @@ import torch
 
 BUDGETS = (576, 192, 128, 64, 36)
 METHODS = ("dart", "fastv", "random")
-VARIANTS = ("vanilla", "direct", "tcd", "lcd", "icd")
+# Row order of the tables. "tcd-official" is TCD with the released code's preset.
+VARIANTS = ("vanilla", "direct", "no-progressive", "tcd", "tcd-official", "lcd", "icd")
+PROTOCOLS = ("continue", "scratch")
 
 
 @dataclass
@@ -45,12 +51,25 @@ class DemoRecipe:
     # Shape and count questions need shape recognition, which this budget does not buy.
     synthetic: dict = field(default_factory=lambda: {"grid": 2, "min_objects": 1, "max_objects": 1,
                                                      "question_types": ("colour", "position")})
+    variants: tuple = ("direct", "no-progressive", "tcd", "lcd", "icd")
+    # "continue": every variant starts from the vanilla checkpoint and trains continue_steps at
+    # continue_lr (the issue's miniature). "scratch": every variant trains from the same random
+    # init for vanilla_steps at lr, as in the paper, where EPIC replaces the SFT stage.
+    protocol: str = "continue"
+    kl_weight: float | None = None    # overrides the presets' lambda for the EPIC variants
     budgets: tuple = BUDGETS
     methods: tuple = METHODS
     eval_batch: int = 64
     # Model init, data order and training data (evaluation data is fixed). With seed 0 the vanilla
     # model never learned to read the image (0.34 accuracy); seed 1 reaches 0.99 at 576 tokens.
     seed: int = 1
+
+    def __post_init__(self):
+        unknown = [v for v in self.variants if v not in VARIANTS[1:]]
+        if unknown:
+            raise ValueError(f"variants: unknown {unknown}; choose from {VARIANTS[1:]}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: {self.protocol!r} is not one of {PROTOCOLS}")
 
 
 FULL = DemoRecipe()
@@ -59,25 +78,54 @@ QUICK = DemoRecipe(n_train=32, n_eval=8, vanilla_steps=4, continue_steps=2, batc
 
 
 def _schedules(recipe: DemoRecipe, n_layers: int) -> dict:
-    from .schedules import kept_tokens  # noqa: F401  (documents the ratio convention)
+    """(schedule name, options) of every variant; the ratio convention is schedules.kept_tokens."""
     target = 1 - recipe.target_keep / 576
-    return {
+    loss = {} if recipe.kl_weight is None else {"kl_weight": recipe.kl_weight}
+    table = {
         "direct": ("direct", {"target_ratio": target, "layer": recipe.layer}),
-        "tcd": ("tcd", {"preset": "paper", "layer": recipe.layer}),
-        "lcd": ("lcd", {"num_layers": n_layers, "l_min": recipe.layer}),
-        "icd": ("icd", {"num_layers": n_layers, "l_min": recipe.layer}),
+        "no-progressive": ("no-progressive", {"target_ratio": target, "layer": recipe.layer, **loss}),
+        "tcd": ("tcd", {"preset": "paper", "layer": recipe.layer, **loss}),
+        "tcd-official": ("tcd", {"preset": "official-code", "layer": recipe.layer, **loss}),
+        "lcd": ("lcd", {"num_layers": n_layers, "l_min": recipe.layer, **loss}),
+        "icd": ("icd", {"num_layers": n_layers, "l_min": recipe.layer, **loss}),
     }
+    return {name: table[name] for name in recipe.variants}
+
+
+_COSMETIC = ("progress", "log_every", "tensorboard", "wandb")    # config keys that do not change the model
+
+
+def _train_once(cfg, log, reuse: bool):
+    """train(cfg); with ``reuse``, the finished run already in cfg.output_dir when it was made
+    from the same config (so an interrupted sweep picks up where it stopped)."""
+    from .trainer import TrainResult, train
+    out = Path(cfg.output_dir)
+    stamp = out / "demo_run.json"
+
+    def key(d):
+        return {k: v for k, v in json.loads(json.dumps(d)).items() if k not in _COSMETIC}
+    if reuse and stamp.is_file() and (out / "final").is_dir():
+        saved = json.loads(stamp.read_text())
+        if key(saved["config"]) == key(cfg.as_dict()):
+            log(f"[demo] reusing {out} (same config)")
+            return TrainResult(history=[], output_dir=str(out), final_dir=str(out / "final"),
+                               step_time_s=saved["step_time_s"])
+    result = train(cfg)
+    stamp.write_text(json.dumps({"config": cfg.as_dict(), "step_time_s": result.step_time_s}))
+    return result
 
 
 def run_demo(out_dir="runs/demo", quick: bool = False, recipe: DemoRecipe | None = None, log=print,
-             seed: int | None = None) -> dict:
+             seed: int | None = None, reuse: bool = False, progress: bool = True) -> dict:
+    """Train the vanilla model and ``recipe.variants``, evaluate every one at every budget and
+    method, write demo.json and demo.png under ``out_dir`` and return the result. ``reuse``
+    keeps runs already trained in ``out_dir`` from the same configuration."""
     from ..cost import prefill_cost
     from .config import TrainConfig
     from .data import LlavaConversationDataset
     from .evaluate import evaluate
     from .synthetic import generate, majority_baseline, render_images
     from .tokenizer import build_tokenizer
-    from .trainer import train
 
     recipe = recipe or (QUICK if quick else FULL)
     if seed is not None:
@@ -87,28 +135,30 @@ def run_demo(out_dir="runs/demo", quick: bool = False, recipe: DemoRecipe | None
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     base = dict(model=recipe.model, data={"synthetic": {"n": recipe.n_train, "seed": recipe.seed, **recipe.synthetic}},
-                batch_size=recipe.batch_size, vision_lr=recipe.vision_lr, tensorboard=False, progress=True,
+                batch_size=recipe.batch_size, vision_lr=recipe.vision_lr, tensorboard=False, progress=progress,
                 log_every=0, seed=recipe.seed, method="dart")
 
-    def reset():
+    def run(name, **overrides):
         from accelerate.state import AcceleratorState
-        AcceleratorState._reset_state(True)
+        AcceleratorState._reset_state(True)       # one process-wide state per train() call
+        cfg = TrainConfig.from_dict({**base, **overrides, "output_dir": str(out / name)})
+        return _train_once(cfg, log, reuse)
 
     log(f"[demo] vanilla training at 576 tokens: {recipe.vanilla_steps} steps")
-    reset()
-    vanilla = train(TrainConfig.from_dict({**base, "schedule": "direct", "schedule_options": {"target_ratio": 0.0},
-                                           "steps": recipe.vanilla_steps, "lr": recipe.lr,
-                                           "output_dir": str(out / "vanilla")}))
+    vanilla = run("vanilla", schedule="direct", schedule_options={"target_ratio": 0.0},
+                  steps=recipe.vanilla_steps, lr=recipe.lr)
     runs = {"vanilla": vanilla}
     from transformers import LlavaForConditionalGeneration
     n_layers = LlavaForConditionalGeneration.from_pretrained(vanilla.final_dir).config.text_config.num_hidden_layers
     for name, (schedule, options) in _schedules(recipe, n_layers).items():
-        log(f"[demo] {name}: {recipe.continue_steps} steps from vanilla")
-        reset()
-        runs[name] = train(TrainConfig.from_dict({**base, "schedule": schedule, "schedule_options": options,
-                                                  "init_from": vanilla.final_dir, "steps": recipe.continue_steps,
-                                                  "lr": recipe.continue_lr, "warmup_ratio": 0.0,
-                                                  "output_dir": str(out / name)}))
+        if recipe.protocol == "continue":
+            log(f"[demo] {name}: {recipe.continue_steps} steps from vanilla")
+            runs[name] = run(name, schedule=schedule, schedule_options=options, init_from=vanilla.final_dir,
+                             steps=recipe.continue_steps, lr=recipe.continue_lr, warmup_ratio=0.0)
+        else:
+            log(f"[demo] {name}: {recipe.vanilla_steps} steps from the random init")
+            runs[name] = run(name, schedule=schedule, schedule_options=options, steps=recipe.vanilla_steps,
+                             lr=recipe.lr)
     t_train = time.time() - t_start
 
     tok = build_tokenizer(model_vocab(vanilla.final_dir))
@@ -116,8 +166,8 @@ def run_demo(out_dir="runs/demo", quick: bool = False, recipe: DemoRecipe | None
     ds = LlavaConversationDataset(records, render_images(records), tok)
     samples = [ds[i] for i in range(len(ds))]
     acc, timing = {}, {}
-    for name, run in runs.items():
-        model = LlavaForConditionalGeneration.from_pretrained(run.final_dir).eval()
+    for name, res in runs.items():
+        model = LlavaForConditionalGeneration.from_pretrained(res.final_dir).eval()
         for method in recipe.methods:
             for keep in recipe.budgets:
                 if keep == 576 and method != recipe.methods[0]:
@@ -137,11 +187,13 @@ def run_demo(out_dir="runs/demo", quick: bool = False, recipe: DemoRecipe | None
         eff.append({"keep": keep, "kv_bytes": cost.kv_bytes, "prefill_gflop": cost.flops / 1e9,
                     "prefill_ms_per_batch": None if r is None else r["prefill_s"] * 1e3,
                     "decode_ms_per_token": None if r is None else r["decode_s_per_token"] * 1e3})
-    result = {"recipe": recipe.__dict__ | {"budgets": list(recipe.budgets), "methods": list(recipe.methods)},
+    result = {"recipe": recipe.__dict__ | {"budgets": list(recipe.budgets), "methods": list(recipe.methods),
+                                           "variants": list(recipe.variants)},
               "question_only_baseline": majority_baseline(generate(2000, seed=777, **recipe.synthetic)),
               "accuracy": [{"variant": v, "method": m, "keep": k, "accuracy": a} for (v, m, k), a in acc.items()],
               "efficiency": eff, "train_seconds": t_train, "total_seconds": time.time() - t_start,
-              "step_time_s": {name: run.step_time_s for name, run in runs.items()}}
+              "step_time_s": {name: res.step_time_s for name, res in runs.items()},
+              "reused_runs": [name for name, res in runs.items() if not res.history]}
     (out / "demo.json").write_text(json.dumps(result, indent=1))
     log(format_tables(result))
     _plot(result, out / "demo.png")
@@ -160,9 +212,9 @@ def format_tables(result: dict) -> str:
     lines = [f"accuracy (exact match, {result['recipe']['n_eval']} held-out questions; question-only baseline "
              f"{result['question_only_baseline']:.2f})"]
     for method in methods:
-        lines.append(f"  {method:<8}" + "".join(f"{k:>8}" for k in budgets))
+        lines.append(f"  {method:<14}" + "".join(f"{k:>8}" for k in budgets))
         for v in variants:
-            lines.append(f"  {v:<8}" + "".join(f"{acc.get((v, method, k), float('nan')):>8.3f}" for k in budgets))
+            lines.append(f"  {v:<14}" + "".join(f"{acc.get((v, method, k), float('nan')):>8.3f}" for k in budgets))
     lines.append("efficiency per request (cost model; prefill time measured per eval batch, DART)")
     lines.append(f"  {'tokens':>6} {'KV MiB':>8} {'GFLOP':>8} {'prefill ms':>11} {'decode ms/tok':>14}")
     for e in result["efficiency"]:
