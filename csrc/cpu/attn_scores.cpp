@@ -321,10 +321,6 @@ inline void attn_items(const Plan& p, const c10::BFloat16* k, int64_t a, int64_t
 }
 inline void attn_items(const Plan& p, const c10::Half* k, int64_t a, int64_t b) { attn_items_f16(p, k, a, b); }
 
-std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-}
-
 }  // namespace
 
 at::Tensor attn_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in,

@@ -26,15 +26,6 @@ inline int64_t rows_grain(int64_t n_per_row) { return std::max<int64_t>(1, 65536
 
 using acc_t = float;
 
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
 // Per-image bookkeeping produced by phase 1.
 struct Plan {
   int64_t B, N, K;
@@ -97,8 +88,8 @@ inline void accumulate_scaled(double* acc, const double* x, double w, int64_t le
 // Phase 2 of the forward: out[b, :valid] = kept rows, out[b, valid] = merge, rest zero.
 template <typename T>
 void gather_merge_rows(const Plan& p, const int64_t* idx, const T* x, int64_t xsb, int64_t xsn,
-                       const typename Acc<T>::type* w, int64_t D, int64_t merge, T* out) {
-  using opmath = typename Acc<T>::type;
+                       const acc_of<T>* w, int64_t D, int64_t merge, T* out) {
+  using opmath = acc_of<T>;
   const int64_t rows_out = p.K + (merge != kMergeNone);
   const int64_t n_slices = (D + kSlice - 1) / kSlice;
   at::parallel_for(0, p.B * n_slices, 1, [&](int64_t t0, int64_t t1) {
@@ -140,9 +131,9 @@ void gather_merge_rows(const Plan& p, const int64_t* idx, const T* x, int64_t xs
 // Phase 2 of the backward: every input row is written exactly once (duplicates add afterwards).
 template <typename T>
 void gather_merge_backward_rows(const Plan& p, const int64_t* idx, const T* g, int64_t gsb,
-                                int64_t gsn, const typename Acc<T>::type* w, int64_t D,
-                                int64_t merge, T* gx) {
-  using opmath = typename Acc<T>::type;
+                                int64_t gsn, const acc_of<T>* w, int64_t D, int64_t merge,
+                                T* gx) {
+  using opmath = acc_of<T>;
   const int64_t n_slices = (D + kSlice - 1) / kSlice;
   at::parallel_for(0, p.B * n_slices, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -181,11 +172,6 @@ void gather_merge_backward_rows(const Plan& p, const int64_t* idx, const T* g, i
   });
 }
 
-// Tokens with a non-unit last stride are copied once; any batch/row strides are used as they are.
-at::Tensor unit_inner_stride(const at::Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
-}
-
 // Weights in the accumulation type of the tokens (fp64 for fp64 tokens, else fp32).
 at::Tensor opmath_weights(const std::optional<at::Tensor>& weights, int64_t merge,
                           at::ScalarType tokens_dtype) {
@@ -194,8 +180,8 @@ at::Tensor opmath_weights(const std::optional<at::Tensor>& weights, int64_t merg
 }
 
 template <typename T>
-const typename Acc<T>::type* weights_ptr(const at::Tensor& w) {
-  return w.defined() ? w.data_ptr<typename Acc<T>::type>() : nullptr;
+const acc_of<T>* weights_ptr(const at::Tensor& w) {
+  return w.defined() ? w.data_ptr<acc_of<T>>() : nullptr;
 }
 
 }  // namespace
@@ -203,9 +189,7 @@ const typename Acc<T>::type* weights_ptr(const at::Tensor& w) {
 at::Tensor gather_merge_cpu(const at::Tensor& tokens_in, const at::Tensor& idx,
                             const std::optional<at::Tensor>& counts, int64_t merge,
                             const std::optional<at::Tensor>& weights) {
-  check_tokens(tokens_in);
-  check_idx(idx, tokens_in, counts);
-  check_merge(merge, weights, tokens_in);
+  check_gather_merge_inputs(tokens_in, idx, counts, merge, weights);
   const int64_t B = tokens_in.size(0), N = tokens_in.size(1), D = tokens_in.size(2);
   const int64_t K = idx.size(1);
   auto out = new_output({B, K + (merge != kMergeNone), D}, tokens_in.options());
@@ -226,13 +210,8 @@ at::Tensor gather_merge_cpu(const at::Tensor& tokens_in, const at::Tensor& idx,
 at::Tensor gather_merge_backward_cpu(const at::Tensor& grad_in, const at::Tensor& idx,
                                      const std::optional<at::Tensor>& counts, int64_t merge,
                                      const std::optional<at::Tensor>& weights, int64_t n_tokens) {
-  TORCH_CHECK_VALUE(grad_in.dim() == 3, "grad_out must be 3-D, got ", grad_in.sizes());
-  TORCH_CHECK_VALUE(n_tokens >= 0, "n_tokens must be >= 0, got ", n_tokens);
-  const int64_t B = grad_in.size(0), D = grad_in.size(2), K = idx.size(1);
-  TORCH_CHECK_VALUE(grad_in.size(1) == K + (merge != kMergeNone), "grad_out has ",
-                    grad_in.size(1), " rows, expected ", K + (merge != kMergeNone));
-  check_idx(idx, grad_in, counts);
-  check_merge(merge, weights, B, n_tokens, grad_in.device());
+  check_gather_merge_backward_inputs(grad_in, idx, counts, merge, weights, n_tokens);
+  const int64_t B = grad_in.size(0), D = grad_in.size(2);
   auto gx = new_output({B, n_tokens, D}, grad_in.options());
   Plan p = plan_from_idx(idx, counts, n_tokens);
   if (gx.numel() == 0) return gx;
@@ -252,21 +231,14 @@ std::tuple<at::Tensor, at::Tensor> compress_topk_cpu(const at::Tensor& tokens_in
                                                      const at::Tensor& scores_in, int64_t k,
                                                      int64_t merge,
                                                      const std::optional<at::Tensor>& weights) {
-  check_tokens(tokens_in);
-  check_scores(scores_in);
+  check_compress_inputs(tokens_in, scores_in, k, merge, weights);
   const int64_t B = tokens_in.size(0), N = tokens_in.size(1), D = tokens_in.size(2);
-  TORCH_CHECK_VALUE(scores_in.size(0) == B && scores_in.size(1) == N,
-                    "scores must be [B, N] = [", B, ", ", N, "], got ", scores_in.sizes());
-  TORCH_CHECK_VALUE(scores_in.device() == tokens_in.device(), "scores must be on ",
-                    tokens_in.device(), ", got ", scores_in.device());
-  check_k(k, N);
-  check_merge(merge, weights, tokens_in);
   auto out = new_output({B, k + (merge != kMergeNone), D}, tokens_in.options());
   auto idx = new_output({B, k}, tokens_in.options().dtype(at::kLong));
   if (B == 0) return {out, idx};
 
   // Phase 1: per-image selection, written straight into idx, plus the row plan.
-  const at::Tensor scores = scores_in.scalar_type() == at::kFloat ? scores_in : scores_in.to(at::kFloat);
+  const at::Tensor scores = scores_as_float(scores_in);
   const float* s = scores.data_ptr<float>();
   const int64_t ssb = scores.stride(0), ssn = scores.stride(1);
   int64_t* ip = idx.data_ptr<int64_t>();

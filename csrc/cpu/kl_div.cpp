@@ -156,10 +156,6 @@ inline double kl_row_any(const double* s, const double* t, int64_t V, double it,
   return kl_row_f64(s, t, V, it, tau, r, sc, g);
 }
 
-at::Tensor unit_last_stride(const at::Tensor& t) {
-  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> kl_div_cpu(const at::Tensor& student_in,
@@ -169,8 +165,8 @@ std::tuple<at::Tensor, at::Tensor> kl_div_cpu(const at::Tensor& student_in,
                                               bool compute_grad, bool inplace) {
   check_kl_inputs(student_in, teacher_in, row_mask, temperature, reduction, inplace);
   const int64_t T = student_in.size(0), V = student_in.size(1);
-  const at::Tensor student = unit_last_stride(student_in);
-  const at::Tensor teacher = unit_last_stride(teacher_in);
+  const at::Tensor student = unit_inner_stride(student_in);
+  const at::Tensor teacher = unit_inner_stride(teacher_in);
 
   std::vector<uint8_t> keep(T, 1);
   int64_t rows = T;
@@ -191,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> kl_div_cpu(const at::Tensor& student_in,
   std::vector<double> losses(T, 0.0);  // V == 0: every row's KL is 0 (an empty sum)
 
   if (V > 0) AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kl_div_cpu", [&] {
-    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using A = acc_of<scalar_t>;
     const scalar_t* sp = student.data_ptr<scalar_t>();
     const scalar_t* tp = teacher.data_ptr<scalar_t>();
     scalar_t* gp = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;

@@ -255,8 +255,8 @@ struct TopKeysRow {
 };
 
 // Float scores with unit stride along N (and fully contiguous when `whole`).
-at::Tensor scores_as_float(const at::Tensor& scores, bool whole) {
-  at::Tensor s = scores.scalar_type() == at::kFloat ? scores : scores.to(at::kFloat);
+at::Tensor scores_as_float_rows(const at::Tensor& scores, bool whole) {
+  const at::Tensor s = scores_as_float(scores);
   return (s.stride(1) == 1 && (!whole || s.is_contiguous())) ? s : s.contiguous();
 }
 
@@ -278,7 +278,7 @@ at::Tensor select_topk_cpu(const at::Tensor& scores_in, int64_t k) {
   check_k(k, N);
   auto idx = new_output({B, k}, scores_in.options().dtype(at::kLong));
   if (B == 0 || k == 0) return idx;
-  const at::Tensor scores = scores_as_float(scores_in, false);
+  const at::Tensor scores = scores_as_float_rows(scores_in, false);
   run_rows(TopkRows{scores.data_ptr<float>(), scores.stride(0), N, k, idx.data_ptr<int64_t>()},
            B, N);
   return idx;
@@ -291,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor> iqr_select_cpu(const at::Tensor& scores_in, d
   auto counts = new_output({B}, scores_in.options().dtype(at::kLong));
   auto indices = new_output({B, N}, scores_in.options().dtype(at::kLong));
   if (B == 0) return {counts, indices};
-  const at::Tensor scores = scores_as_float(scores_in, pooled);
+  const at::Tensor scores = scores_as_float_rows(scores_in, pooled);
   const IqrArgs a{scores.data_ptr<float>(), scores.stride(0), B, N, static_cast<float>(whisker),
                   max_k >= 0 ? max_k : N, counts.data_ptr<int64_t>(), indices.data_ptr<int64_t>()};
   if (!pooled) {

@@ -25,16 +25,16 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 
+#include "device_common.cuh"
 #include "epic/checks.h"
 #include "epic/ops.h"
+#include "reduce.cuh"
 
 namespace epic {
 
@@ -104,31 +104,10 @@ struct KLoad<float, 4> {
     o[0] = r.x, o[1] = r.y, o[2] = r.z, o[3] = r.w;
   }
 };
-template <>
-struct KLoad<c10::BFloat16, 8> {
-  static __device__ __forceinline__ void load(const c10::BFloat16* p, float (&o)[8]) {
-    const uint4 r = *reinterpret_cast<const uint4*>(p);
-    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {  // little endian: the lower half-word is the first element
-      o[2 * i] = __uint_as_float(w[i] << 16);
-      o[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-    }
-  }
-};
-template <>
-struct KLoad<c10::Half, 8> {
-  static __device__ __forceinline__ void load(const c10::Half* p, float (&o)[8]) {
-    const uint4 r = *reinterpret_cast<const uint4*>(p);
-    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      __half2 h;
-      memcpy(&h, &w[i], sizeof(h));
-      const float2 f = __half22float2(h);
-      o[2 * i] = f.x;
-      o[2 * i + 1] = f.y;
-    }
+template <typename T>  // bf16 / fp16
+struct KLoad<T, 8> {
+  static __device__ __forceinline__ void load(const T* p, float (&o)[8]) {
+    cuda::unpack8<T>(*reinterpret_cast<const uint4*>(p), o);
   }
 };
 
@@ -189,11 +168,7 @@ __global__ void __launch_bounds__(kThreads) attn_scan_kernel(const ScanArgs<T> a
           }
         }
       }
-      for (int off = G / 2; off > 0; off >>= 1) {
-#pragma unroll
-        for (int r = 0; r < kRowTile; ++r)
-          if (r < rt) acc[r] += __shfl_xor_sync(gmask, acc[r], off);  // rt: uniform
-      }
+      cuda::warp_reduce_each(acc, rt, G, cuda::Sum{}, gmask);  // rt: uniform
       const bool in_span = j >= ks && j < ks + key_len;
       if (HAS_LSE) {
         if (in_span && lane == 0) {
@@ -229,17 +204,10 @@ __global__ void __launch_bounds__(kThreads) attn_scan_kernel(const ScanArgs<T> a
       __syncthreads();
       if (threadIdx.x < rt) {  // merge the groups in order
         const int r = threadIdx.x;
-        float M = -INFINITY;
-        for (int g = 0; g < ngroups; ++g) M = fmaxf(M, gm[g * kRowTile + r]);
-        float Z = 0.0f;
-        if (M != -INFINITY)
-          for (int g = 0; g < ngroups; ++g) {
-            const float mg = gm[g * kRowTile + r];
-            if (mg != -INFINITY) Z += gz[g * kRowTile + r] * expf(mg - M);
-          }
+        const cuda::MaxSumExp ms = cuda::merge_max_sumexp(gm + r, gz + r, ngroups, kRowTile);
         float* st = a.stats + ((u * a.C + c) * R + r0 + r) * 2;
-        st[0] = M;
-        st[1] = Z;
+        st[0] = ms.m;
+        st[1] = ms.z;
       }
     }
   }
@@ -257,18 +225,8 @@ __global__ void attn_lse_kernel(const float* stats, float* row_lse, int64_t B, i
   if (x >= B * HQ) return;
   const int64_t b = x / HQ, row = x % HQ, kvh = row / R, r = row % R;
   const float* st = stats + ((b * Hkv + kvh) * C * R + r) * 2;  // chunk c at + c * R * 2
-  float M = -INFINITY;
-  for (int c = 0; c < C; ++c) M = fmaxf(M, st[c * R * 2]);
-  float lse = -INFINITY;
-  if (M != -INFINITY) {
-    float Z = 0.0f;
-    for (int c = 0; c < C; ++c) {
-      const float mc = st[c * R * 2];
-      if (mc != -INFINITY) Z += st[c * R * 2 + 1] * expf(mc - M);
-    }
-    lse = M + logf(Z);
-  }
-  row_lse[x] = lse;
+  const cuda::MaxSumExp ms = cuda::merge_max_sumexp(st, st + 1, C, R * 2);
+  row_lse[x] = ms.m != -INFINITY ? ms.m + logf(ms.z) : -INFINITY;
 }
 
 template <bool HAS_LSE>
@@ -328,10 +286,6 @@ void run_scan(ScanArgs<T> a, int64_t units, const at::Tensor& k, cudaStream_t st
     launch_scan<T, 1>(a, units, smem, stream);
 }
 
-std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-}
-
 }  // namespace
 
 at::Tensor attn_scores_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -342,8 +296,7 @@ at::Tensor attn_scores_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                             double scale, bool causal, int64_t reduction) {
   check_attn_inputs(q_in, k_in, lse_in, key_start_in, key_start_int, key_len, kv_start_in,
                     q_pos_in, scale, reduction);
-  TORCH_CHECK_VALUE(q_in.is_cuda(), "q must be a CUDA tensor for the cuda backend, got ",
-                    q_in.device());
+  check_cuda_tensor(q_in, "q");
   const int64_t B = q_in.size(0), H = q_in.size(1), Q = q_in.size(2), d = q_in.size(3);
   const int64_t Hkv = k_in.size(1), L = k_in.size(2);
   TORCH_CHECK_VALUE(d <= kMaxQTileFloats, "q's head size d = ", d,

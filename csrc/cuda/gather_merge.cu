@@ -28,15 +28,6 @@ namespace {
 
 using cuda::Pack;
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
 constexpr int kThreads = 256;
 constexpr int kMinBlocks = 4;  // <= 64 registers: 4 blocks per SM keep enough loads in flight
 constexpr int kUnroll = 4;
@@ -94,7 +85,7 @@ __device__ __forceinline__ Pack<T, VEC> zero_pack() {
 template <typename T, int VEC, typename Src, typename Dropped>
 __device__ void stream_rows(const StreamArgs<T>& a, int b, const Lane& l, int n_copy, int rows_out,
                             Src src, Dropped dropped, int n_dropped, void* red_raw) {
-  using acc_t = typename AccOf<T>::type;
+  using acc_t = acc_of<T>;
   using P = Pack<T, VEC>;
   const T* xb = a.x + b * a.xsb + l.col;
   T* ob = a.out + static_cast<int64_t>(b) * rows_out * a.D + l.col;
@@ -194,16 +185,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const float* row = s + b * ssb;
   for (int i = threadIdx.x; i < N; i += blockDim.x) keys[i] = float_key(row[i * ssn]);
   __syncthreads();
-  uint32_t T_key = 0xFFFFFFFFu, ties = 0;  // k == 0: nothing exceeds or ties this key
-  if (k > 0) {
-    const uint32_t kk[1] = {static_cast<uint32_t>(k)};
-    uint32_t Tk[1], greater[1];
-    cuda::block_radix_select<1>(keys, N, kk, sm, Tk, greater);
-    T_key = Tk[0];
-    ties = kk[0] - greater[0];
-  }
+  const cuda::TopkCut cut = cuda::block_topk_cut(keys, N, static_cast<uint32_t>(k), sm);
   int64_t* out_idx = slice == 0 ? idx + static_cast<int64_t>(b) * k : nullptr;
-  cuda::block_emit(keys, N, T_key, ties, sm, bits, [&](int i, uint32_t pos) {
+  cuda::block_emit(keys, N, cut.T, cut.ties, sm, bits, [&](int i, uint32_t pos) {
     keys[pos] = static_cast<uint32_t>(i);
     if (out_idx != nullptr) out_idx[pos] = i;
   });
@@ -252,7 +236,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     gather_merge_backward_kernel(StreamArgs<T> a, const int64_t* __restrict__ idx, int K,
                                  const int64_t* __restrict__ counts) {
-  using acc_t = typename AccOf<T>::type;
+  using acc_t = acc_of<T>;
   using P = Pack<T, VEC>;
   extern __shared__ int first[];  // first[n]: first valid j with idx[j] == n, INT_MAX if none
   __shared__ uint32_t red32[32];
@@ -341,18 +325,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 // ---- host side
 
-at::Tensor unit_inner_stride(const at::Tensor& t) {
-  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
-}
-
 at::Tensor float_weights(const std::optional<at::Tensor>& weights, int64_t merge) {
   if (merge != kMergeWeighted) return at::Tensor();
   return weights->to(at::kFloat).contiguous();
-}
-
-void check_cuda_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor for the cuda backend, got ",
-                    t.device());
 }
 
 void check_int_range(int64_t v, const char* what) {
@@ -411,9 +386,7 @@ StreamArgs<T> stream_args(const at::Tensor& x, const at::Tensor& out, const at::
 at::Tensor gather_merge_cuda(const at::Tensor& tokens_in, const at::Tensor& idx,
                              const std::optional<at::Tensor>& counts, int64_t merge,
                              const std::optional<at::Tensor>& weights) {
-  check_tokens(tokens_in);
-  check_idx(idx, tokens_in, counts);
-  check_merge(merge, weights, tokens_in);
+  check_gather_merge_inputs(tokens_in, idx, counts, merge, weights);
   check_cuda_tensor(tokens_in, "tokens");
   const int64_t B = tokens_in.size(0), N = tokens_in.size(1), D = tokens_in.size(2);
   const int64_t K = idx.size(1);
@@ -439,14 +412,9 @@ at::Tensor gather_merge_cuda(const at::Tensor& tokens_in, const at::Tensor& idx,
 at::Tensor gather_merge_backward_cuda(const at::Tensor& grad_in, const at::Tensor& idx,
                                       const std::optional<at::Tensor>& counts, int64_t merge,
                                       const std::optional<at::Tensor>& weights, int64_t n_tokens) {
-  TORCH_CHECK_VALUE(grad_in.dim() == 3, "grad_out must be 3-D, got ", grad_in.sizes());
-  TORCH_CHECK_VALUE(n_tokens >= 0, "n_tokens must be >= 0, got ", n_tokens);
-  const int64_t B = grad_in.size(0), D = grad_in.size(2), K = idx.size(1);
-  TORCH_CHECK_VALUE(grad_in.size(1) == K + (merge != kMergeNone), "grad_out has ",
-                    grad_in.size(1), " rows, expected ", K + (merge != kMergeNone));
-  check_idx(idx, grad_in, counts);
-  check_merge(merge, weights, B, n_tokens, grad_in.device());
+  check_gather_merge_backward_inputs(grad_in, idx, counts, merge, weights, n_tokens);
   check_cuda_tensor(grad_in, "grad_out");
+  const int64_t B = grad_in.size(0), D = grad_in.size(2), K = idx.size(1);
   check_int_range(n_tokens, "n_tokens");
   check_int_range(K, "K");
   const c10::cuda::CUDAGuard guard(grad_in.device());
@@ -471,23 +439,16 @@ std::tuple<at::Tensor, at::Tensor> compress_topk_cuda(const at::Tensor& tokens_i
                                                       const at::Tensor& scores_in, int64_t k,
                                                       int64_t merge,
                                                       const std::optional<at::Tensor>& weights) {
-  check_tokens(tokens_in);
-  check_scores(scores_in);
-  const int64_t B = tokens_in.size(0), N = tokens_in.size(1), D = tokens_in.size(2);
-  TORCH_CHECK_VALUE(scores_in.size(0) == B && scores_in.size(1) == N,
-                    "scores must be [B, N] = [", B, ", ", N, "], got ", scores_in.sizes());
-  TORCH_CHECK_VALUE(scores_in.device() == tokens_in.device(), "scores must be on ",
-                    tokens_in.device(), ", got ", scores_in.device());
-  check_k(k, N);
-  check_merge(merge, weights, tokens_in);
+  check_compress_inputs(tokens_in, scores_in, k, merge, weights);
   check_cuda_tensor(tokens_in, "tokens");
+  const int64_t B = tokens_in.size(0), N = tokens_in.size(1), D = tokens_in.size(2);
   check_int_range(N, "N");
   const c10::cuda::CUDAGuard guard(tokens_in.device());
   auto out = new_output({B, k + (merge != kMergeNone), D}, tokens_in.options());
   auto idx = new_output({B, k}, tokens_in.options().dtype(at::kLong));
   if (B == 0 || (out.numel() == 0 && idx.numel() == 0)) return {out, idx};
   // D == 0 with k > 0 still runs (one slice, no columns) to produce idx.
-  const at::Tensor scores = scores_in.scalar_type() == at::kFloat ? scores_in : scores_in.to(at::kFloat);
+  const at::Tensor scores = scores_as_float(scores_in);
   const at::Tensor tokens = unit_inner_stride(tokens_in);
   const at::Tensor wf = float_weights(weights, merge);
   const size_t smem = static_cast<size_t>(N + (N + 31) / 32) * sizeof(uint32_t);

@@ -32,31 +32,13 @@
 
 #include <cstdint>
 
-namespace epic::cuda::kl {
+#include "device_common.cuh"
+#include "reduce.cuh"
 
-constexpr unsigned kFullMask = 0xFFFFFFFFu;
+namespace epic::cuda::kl {
 
 // ---- logits in and out: VEC logits of type T as the raw bits of one load / store (16 bytes for
 // the vector path, one logit for the scalar path), unpacked straight from 32-bit words.
-
-template <int BYTES>
-struct RawOf;
-template <>
-struct RawOf<16> {
-  using type = uint4;
-};
-template <>
-struct RawOf<8> {
-  using type = uint2;
-};
-template <>
-struct RawOf<4> {
-  using type = unsigned int;
-};
-template <>
-struct RawOf<2> {
-  using type = unsigned short;
-};
 
 template <typename T, int VEC>
 struct Io {
@@ -77,12 +59,7 @@ struct Conv;
 template <>
 struct Conv<c10::BFloat16> {
   static __device__ __forceinline__ void unpack(const uint4& r, float (&o)[8]) {
-    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      o[2 * i] = __uint_as_float(w[i] << 16);
-      o[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-    }
+    unpack8<c10::BFloat16>(r, o);
   }
   static __device__ __forceinline__ void unpack(unsigned short r, float (&o)[1]) {
     o[0] = __uint_as_float(static_cast<uint32_t>(r) << 16);
@@ -109,15 +86,7 @@ struct Conv<c10::BFloat16> {
 template <>
 struct Conv<c10::Half> {
   static __device__ __forceinline__ void unpack(const uint4& r, float (&o)[8]) {
-    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      __half2 h;
-      memcpy(&h, &w[i], sizeof(h));
-      const float2 f = __half22float2(h);
-      o[2 * i] = f.x;
-      o[2 * i + 1] = f.y;
-    }
+    unpack8<c10::Half>(r, o);
   }
   static __device__ __forceinline__ void unpack(unsigned short r, float (&o)[1]) {
     o[0] = __half2float(__ushort_as_half(r));
@@ -204,10 +173,6 @@ __device__ __forceinline__ float vmax(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double vmax(double a, double b) { return fmax(a, b); }
 __device__ __forceinline__ float vfma(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double vfma(double a, double b, double c) { return fma(a, b, c); }
-// Products never contracted into an FMA: the same inputs give bitwise the same result on both
-// sides of a difference (identical or one-hot rows must give exactly 0).
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 // -inf -> 0: the shift applied when a side has no finite entry yet.
 template <typename V>
@@ -290,11 +255,12 @@ __device__ __forceinline__ State<V> merge(State<V> a, State<V> b, V c) {
   return {mp, a.zp + b.zp, mq, a.zq + b.zq, qa, a.s + b.s};
 }
 
+// The whole state of lane (this lane ^ offset), for cuda::warp_reduce.
 template <typename V>
-__device__ __forceinline__ State<V> shfl_xor_state(const State<V>& x, int offset) {
-  return {__shfl_xor_sync(kFullMask, x.mp, offset), __shfl_xor_sync(kFullMask, x.zp, offset),
-          __shfl_xor_sync(kFullMask, x.mq, offset), __shfl_xor_sync(kFullMask, x.zq, offset),
-          __shfl_xor_sync(kFullMask, x.qa, offset), __shfl_xor_sync(kFullMask, x.s, offset)};
+__device__ __forceinline__ State<V> shfl_xor(const State<V>& x, int offset, unsigned mask) {
+  return {__shfl_xor_sync(mask, x.mp, offset), __shfl_xor_sync(mask, x.zp, offset),
+          __shfl_xor_sync(mask, x.mq, offset), __shfl_xor_sync(mask, x.zq, offset),
+          __shfl_xor_sync(mask, x.qa, offset), __shfl_xor_sync(mask, x.s, offset)};
 }
 
 template <typename V>
@@ -304,13 +270,21 @@ __device__ __forceinline__ State<V> shfl_state(const State<V>& x, int lane) {
           __shfl_sync(kFullMask, x.qa, lane), __shfl_sync(kFullMask, x.s, lane)};
 }
 
+// merge as the op of cuda::warp_reduce: the own state first, the partner lane's second.
+template <typename M, typename V>
+struct Merge {
+  V c;
+  __device__ __forceinline__ State<V> operator()(const State<V>& a, const State<V>& b) const {
+    return merge<M>(a, b, c);
+  }
+};
+
 // Butterfly merge over the lanes [0, width) of each aligned group of `width` lanes (a power of
 // two <= 32, every lane of the warp calling). The tree is fixed, so the result is deterministic;
 // lanes may differ in the last bit (FMA contraction is not symmetric), so callers use one lane's.
 template <typename M, typename V>
 __device__ __forceinline__ State<V> butterfly(State<V> x, V c, int width) {
-  for (int o = width >> 1; o > 0; o >>= 1) x = merge<M>(x, shfl_xor_state(x, o), c);
-  return x;
+  return warp_reduce(x, width, Merge<M, V>{c});
 }
 
 // Moves st to the maxima and anchor of st plus the N entries p[], q[] (gp, gq: their maxima).

@@ -33,6 +33,7 @@
 #include "epic/common.h"
 #include "epic/ops.h"
 #include "kl_device.cuh"
+#include "reduce.cuh"
 
 namespace epic {
 
@@ -42,9 +43,6 @@ using cuda::kl::Conv;
 using cuda::kl::Io;
 using cuda::kl::Math;
 using cuda::kl::State;
-
-template <typename T>
-using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <typename T>
 struct KlArgs {
@@ -331,8 +329,7 @@ __global__ void __launch_bounds__(BLOCK, 1024 / BLOCK) kl_div_rows_kernel(const 
   if (!rev) {
     const A ma = rc.ma, mb = rc.mb, k1 = rc.k1, k2 = rc.k2;
     row_pass2<T, VEC, U, G>(srow, trow, grow, sp, tid, [=](A sv, A tv) {
-      return cuda::kl::mul_rn(M::ex((sv - ma) * c), k1) -
-             cuda::kl::mul_rn(M::ex((tv - mb) * c), k2);
+      return cuda::mul_rn(M::ex((sv - ma) * c), k1) - cuda::mul_rn(M::ex((tv - mb) * c), k2);
     });
   } else {
     // tau scale p_s (lr - KL), lr = log p_s - log p_t, the difference taken in fp64 (see
@@ -353,18 +350,6 @@ __global__ void __launch_bounds__(BLOCK, 1024 / BLOCK) kl_div_rows_kernel(const 
 
 constexpr int kSumThreads = 256;
 
-__device__ __forceinline__ double block_sum_fixed(double v, double* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(cuda::kl::kFullMask, v, o);
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  double t = 0.0;
-  if (threadIdx.x == 0)
-    for (int w = 0; w < kSumThreads / 32; ++w) t += red[w];
-  return t;  // in thread 0
-}
-
 __global__ void __launch_bounds__(kSumThreads) kl_sum_chunks_kernel(const double* __restrict__ rl,
                                                                     int64_t n, int64_t chunk,
                                                                     double* __restrict__ part) {
@@ -373,7 +358,7 @@ __global__ void __launch_bounds__(kSumThreads) kl_sum_chunks_kernel(const double
   const int64_t hi = std::min(n, lo + chunk);
   double acc = 0.0;
   for (int64_t i = lo + threadIdx.x; i < hi; i += kSumThreads) acc += rl[i];
-  const double total = block_sum_fixed(acc, red);
+  const double total = cuda::block_sum(acc, red);
   if (threadIdx.x == 0) part[blockIdx.x] = total;
 }
 
@@ -385,7 +370,7 @@ __global__ void __launch_bounds__(kSumThreads) kl_finish_kernel(const double* __
   __shared__ double red[kSumThreads / 32];
   double acc = 0.0;
   for (int i = threadIdx.x; i < nparts; i += kSumThreads) acc += part[i];
-  const double total = block_sum_fixed(acc, red);
+  const double total = cuda::block_sum(acc, red);
   if (threadIdx.x == 0) {
     const double k = kept != nullptr ? static_cast<double>(*kept) : static_cast<double>(rows);
     const double norm = reduction == kReduceBatchMean ? k
@@ -396,10 +381,6 @@ __global__ void __launch_bounds__(kSumThreads) kl_finish_kernel(const double* __
 }
 
 // ---- host side
-
-at::Tensor kl_unit_last_stride(const at::Tensor& t) {
-  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
-}
 
 template <typename T, int VEC, int G, int BLOCK>
 void launch_rows_kernel(const KlArgs<T>& a) {
@@ -444,14 +425,12 @@ std::tuple<at::Tensor, at::Tensor> kl_div_cuda(const at::Tensor& student_in,
                                                double temperature, int64_t reduction, bool reverse,
                                                bool compute_grad, bool inplace) {
   check_kl_inputs(student_in, teacher_in, row_mask, temperature, reduction, inplace);
-  TORCH_CHECK_VALUE(student_in.is_cuda(),
-                    "student logits must be a CUDA tensor for the cuda backend, got ",
-                    student_in.device());
+  check_cuda_tensor(student_in, "student logits");
   const int64_t T = student_in.size(0), V = student_in.size(1);
   TORCH_CHECK_VALUE(V < INT_MAX, "kl_div: V = ", V, " is too large for the cuda backend");
   const c10::cuda::CUDAGuard guard(student_in.device());
-  const at::Tensor student = kl_unit_last_stride(student_in);
-  const at::Tensor teacher = kl_unit_last_stride(teacher_in);
+  const at::Tensor student = unit_inner_stride(student_in);
+  const at::Tensor teacher = unit_inner_stride(teacher_in);
   const auto f32 = student.options().dtype(at::kFloat);
 
   at::Tensor grad;

@@ -38,10 +38,6 @@ constexpr int kPooledThreads = 512;
 
 int row_threads(int64_t n) { return n <= 2048 ? 256 : (n <= 4096 ? 512 : 1024); }
 
-at::Tensor scores_as_float(const at::Tensor& scores) {
-  return scores.scalar_type() == at::kFloat ? scores : scores.to(at::kFloat);
-}
-
 // Loads one score row as keys into shared memory; returns the number of NaN scores (all threads).
 __device__ uint32_t load_row_keys(const float* row, int64_t sn, int n, uint32_t* keys,
                                   uint32_t* red) {
@@ -98,15 +94,9 @@ __global__ void __launch_bounds__(1024)
   c = c < cap ? c : cap;
   if (threadIdx.x == 0) counts[b] = c;
   int64_t* out = indices + static_cast<int64_t>(b) * n;
-  uint32_t T = 0xFFFFFFFFu, ties = 0;  // c == 0: no key can exceed or tie this
-  if (c > 0) {
-    const uint32_t kk[1] = {static_cast<uint32_t>(c)};
-    uint32_t Tk[1], greater[1];
-    cuda::block_radix_select<1>(keys, n, kk, sm, Tk, greater);
-    T = Tk[0];
-    ties = kk[0] - greater[0];
-  }
-  cuda::block_emit(keys, n, T, ties, sm, nullptr, [&](int i, uint32_t pos) { out[pos] = i; });
+  const cuda::TopkCut cut = cuda::block_topk_cut(keys, n, static_cast<uint32_t>(c), sm);
+  cuda::block_emit(keys, n, cut.T, cut.ties, sm, nullptr,
+                   [&](int i, uint32_t pos) { out[pos] = i; });
   for (int64_t p = c + threadIdx.x; p < n; p += blockDim.x) out[p] = -1;
 }
 
@@ -215,8 +205,7 @@ __global__ void __launch_bounds__(kPooledThreads)
 }
 
 void check_cuda_scores(const at::Tensor& scores) {
-  TORCH_CHECK_VALUE(scores.is_cuda(), "scores must be a CUDA tensor for the cuda backend, got ",
-                    scores.device());
+  check_cuda_tensor(scores, "scores");
   TORCH_CHECK_VALUE(scores.size(1) <= std::numeric_limits<int32_t>::max(),
                     "scores: N = ", scores.size(1), " is too large");
 }

@@ -1,6 +1,6 @@
 // Device building blocks shared by csrc/cuda/*.cu: block-wide radix select over float_key keys,
-// emission of the selected indices in spatial order (tie rule: lower index first), block sums,
-// 16-byte vector loads/stores, and the host-side shared-memory check.
+// emission of the selected indices in spatial order (tie rule: lower index first), 16-byte vector
+// loads/stores, and the host-side shared-memory check.
 //
 // Keys are the 32-bit float_key of common.h: a larger key ranks higher, NaN is key 0 (lowest), so
 // "the k-th largest key" and "the r-th smallest non-NaN value" are the same search.
@@ -14,11 +14,11 @@
 #include <cstdint>
 #include <cstring>
 
+#include "device_common.cuh"
 #include "epic/common.h"
+#include "reduce.cuh"
 
 namespace epic::cuda {
-
-constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
 // Shared scratch of the selection steps. The histogram is double-buffered so that a pass can clear
 // the next pass's buffer before its first barrier (one barrier fewer per pass).
@@ -29,19 +29,6 @@ struct SelectSmem {
   uint32_t scan[2][2][32];  // emission: [buffer][greater / equal][warp]
   uint32_t red[32];         // block_sum
 };
-
-// Sum over the block (blockDim.x a multiple of 32). Ends on a barrier so `red` is reusable at once.
-__device__ __forceinline__ uint32_t block_sum(uint32_t v, uint32_t* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  uint32_t t = 0;
-  for (int w = 0; w < nw; ++w) t += red[w];
-  __syncthreads();
-  return t;
-}
 
 // One warp finds the digit of the kr-th largest candidate (1-based) in a 256-bin histogram: lane l
 // holds bins [8l, 8l+8) in c[]. The single lane whose bins contain it returns true with the digit
@@ -149,6 +136,28 @@ __device__ void block_radix_select(const uint32_t* keys, int n, const uint32_t (
   __syncthreads();  // a following call may reset the scratch
 }
 
+// Where block_emit cuts to keep the top k keys: T, the k-th largest key, and ties, the keys equal
+// to T that are kept (lower indices first).
+struct TopkCut {
+  uint32_t T, ties;
+};
+
+// The cut for the top k of keys[0..n) (k <= n; k uniform over the block). k == 0 keeps nothing:
+// no key exceeds or ties 0xFFFFFFFF (above the key of +inf).
+template <int MAXS>
+__device__ __forceinline__ TopkCut block_topk_cut(const uint32_t* keys, int n, uint32_t k,
+                                                  SelectSmem<MAXS>& sm) {
+  TopkCut cut{0xFFFFFFFFu, 0u};
+  if (k > 0) {
+    const uint32_t kk[1] = {k};
+    uint32_t T[1], greater[1];
+    block_radix_select<1>(keys, n, kk, sm, T, greater);
+    cut.T = T[0];
+    cut.ties = k - greater[0];
+  }
+  return cut;
+}
+
 // Walks keys[0..n) in index order, one tile of blockDim.x keys at a time, and calls emit(i, pos)
 // for every selected i: key > T, or key == T for the first `ties` such keys (lower index wins).
 // pos = number of selected keys before i, so emitted positions are in ascending index order.
@@ -231,25 +240,6 @@ __device__ __forceinline__ float fence_from_keys(const uint32_t (&T)[4], const f
 
 // ---- vector memory access: VEC elements of T as one 2/4/8/16-byte transaction
 
-template <int BYTES>
-struct RawOf;
-template <>
-struct RawOf<16> {
-  using type = uint4;
-};
-template <>
-struct RawOf<8> {
-  using type = uint2;
-};
-template <>
-struct RawOf<4> {
-  using type = unsigned int;
-};
-template <>
-struct RawOf<2> {
-  using type = unsigned short;
-};
-
 template <typename T, int VEC>
 struct Pack {
   T v[VEC];
@@ -282,12 +272,6 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, VEC>& v) {
   memcpy(&r, &v, sizeof(R));
   *reinterpret_cast<R*>(p) = r;
 }
-
-// Accumulation with every operation rounded on its own (no FMA contraction), as the CPU kernels.
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 // ---- host side
 

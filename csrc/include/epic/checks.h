@@ -1,5 +1,6 @@
-// Argument checks shared by the CPU and CUDA host entries. They raise c10::ValueError /
-// c10::TypeError, which Python sees as ValueError / TypeError, always naming the argument.
+// Argument checks and input preparation shared by the CPU and CUDA host entries. The checks raise
+// c10::ValueError / c10::TypeError, which Python sees as ValueError / TypeError, always naming the
+// argument.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -50,6 +51,27 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
       t.fill_(std::numeric_limits<int64_t>::min());
   }
   return t;
+}
+
+// Inputs whose last stride is not 1 are copied once; any other strides are used as they are.
+inline at::Tensor unit_inner_stride(const at::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+// Optional inputs (index tensors, lse) in the contiguous layout the kernels index.
+inline std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+// Scores as fp32, the type every selection kernel ranks (no copy when they already are).
+inline at::Tensor scores_as_float(const at::Tensor& scores) {
+  return scores.scalar_type() == at::kFloat ? scores : scores.to(at::kFloat);
+}
+
+// The cuda backend's entries take CUDA tensors only.
+inline void check_cuda_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor for the cuda backend, got ",
+                    t.device());
 }
 
 inline bool is_float_dtype(at::ScalarType t) {
@@ -109,6 +131,42 @@ inline void check_idx(const at::Tensor& idx, const at::Tensor& tokens,
 
 inline void check_k(int64_t k, int64_t n) {
   TORCH_CHECK_VALUE(k >= 0 && k <= n, "k must be in [0, N] = [0, ", n, "], got ", k);
+}
+
+// The gather_merge, gather_merge_backward and compress_topk contracts (ops.h).
+inline void check_gather_merge_inputs(const at::Tensor& tokens, const at::Tensor& idx,
+                                      const std::optional<at::Tensor>& counts, int64_t merge,
+                                      const std::optional<at::Tensor>& weights) {
+  check_tokens(tokens);
+  check_idx(idx, tokens, counts);
+  check_merge(merge, weights, tokens);
+}
+
+inline void check_gather_merge_backward_inputs(const at::Tensor& grad_out, const at::Tensor& idx,
+                                               const std::optional<at::Tensor>& counts,
+                                               int64_t merge,
+                                               const std::optional<at::Tensor>& weights,
+                                               int64_t n_tokens) {
+  TORCH_CHECK_VALUE(grad_out.dim() == 3, "grad_out must be 3-D, got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(n_tokens >= 0, "n_tokens must be >= 0, got ", n_tokens);
+  const int64_t rows = idx.size(1) + (merge != kMergeNone);
+  TORCH_CHECK_VALUE(grad_out.size(1) == rows, "grad_out has ", grad_out.size(1),
+                    " rows, expected ", rows);
+  check_idx(idx, grad_out, counts);
+  check_merge(merge, weights, grad_out.size(0), n_tokens, grad_out.device());
+}
+
+inline void check_compress_inputs(const at::Tensor& tokens, const at::Tensor& scores, int64_t k,
+                                  int64_t merge, const std::optional<at::Tensor>& weights) {
+  check_tokens(tokens);
+  check_scores(scores);
+  const int64_t B = tokens.size(0), N = tokens.size(1);
+  TORCH_CHECK_VALUE(scores.size(0) == B && scores.size(1) == N, "scores must be [B, N] = [", B,
+                    ", ", N, "], got ", scores.sizes());
+  TORCH_CHECK_VALUE(scores.device() == tokens.device(), "scores must be on ", tokens.device(),
+                    ", got ", scores.device());
+  check_k(k, N);
+  check_merge(merge, weights, tokens);
 }
 
 inline void check_kl_inputs(const at::Tensor& student, const at::Tensor& teacher,

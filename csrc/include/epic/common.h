@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define EPIC_HD __host__ __device__ __forceinline__
@@ -18,6 +19,10 @@ namespace epic {
 enum MergeMode : int64_t { kMergeNone = 0, kMergeMean = 1, kMergeWeighted = 2 };
 // KL reductions (epic_ext/kl.py keeps the same numbering).
 enum Reduction : int64_t { kReduceNone = 0, kReduceSum = 1, kReduceMean = 2, kReduceBatchMean = 3 };
+
+// Accumulation type for elements of type T: fp64 for fp64, fp32 for fp32 / fp16 / bf16.
+template <typename T>
+using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 EPIC_HD uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
