@@ -38,12 +38,14 @@ class DemoRecipe:
     model: str = "demo"
     n_train: int = 4096
     n_eval: int = 192
-    vanilla_steps: int = 900
+    vanilla_steps: int = 1200
     continue_steps: int = 150
     batch_size: int = 8
     lr: float = 3e-3
     continue_lr: float = 1e-3
-    vision_lr: float = 3e-3
+    # The random CLIP stays frozen, as LLaVA-1.5 freezes its CLIP: trained along (lr 3e-3) it merged
+    # red, blue and purple in some seeds, and the vanilla model learned the task in 2 of 3 seeds.
+    vision_lr: float = 0.0
     target_keep: int = 64             # direct's budget; EPIC's schedules end near it
     layer: int = 2
     # One object on a 2x2 grid, colour and position questions: the answer sits in the object's
@@ -60,8 +62,8 @@ class DemoRecipe:
     budgets: tuple = BUDGETS
     methods: tuple = METHODS
     eval_batch: int = 64
-    # Model init, data order and training data (evaluation data is fixed). With seed 0 the vanilla
-    # model never learned to read the image (0.34 accuracy); seed 1 reaches 0.99 at 576 tokens.
+    # Model init, data order and training data (evaluation data is fixed); benchmarks/demo_sweep.py
+    # repeats the experiment over seeds.
     seed: int = 1
 
     def __post_init__(self):
@@ -92,7 +94,8 @@ def _schedules(recipe: DemoRecipe, n_layers: int) -> dict:
     return {name: table[name] for name in recipe.variants}
 
 
-_COSMETIC = ("progress", "log_every", "tensorboard", "wandb")    # config keys that do not change the model
+# Config keys that do not change the trained model (output_dir: the stamp sits in that folder).
+_COSMETIC = ("progress", "log_every", "tensorboard", "wandb", "output_dir")
 
 
 def _train_once(cfg, log, reuse: bool):
@@ -160,6 +163,13 @@ def run_demo(out_dir="runs/demo", quick: bool = False, recipe: DemoRecipe | None
             runs[name] = run(name, schedule=schedule, schedule_options=options, steps=recipe.vanilla_steps,
                              lr=recipe.lr)
     t_train = time.time() - t_start
+    recipe_dict = json.loads(json.dumps(recipe.__dict__ | {"budgets": list(recipe.budgets), "methods": list(recipe.methods),
+                                                           "variants": list(recipe.variants)}))
+    if reuse and (out / "demo.json").is_file() and all(not r.history for r in runs.values()):
+        saved = json.loads((out / "demo.json").read_text())
+        if saved["recipe"] == recipe_dict:            # same models, same evaluation: nothing to redo
+            log(format_tables(saved))
+            return saved
 
     tok = build_tokenizer(model_vocab(vanilla.final_dir))
     records = generate(recipe.n_eval, seed=12345, **recipe.synthetic)
@@ -187,8 +197,7 @@ def run_demo(out_dir="runs/demo", quick: bool = False, recipe: DemoRecipe | None
         eff.append({"keep": keep, "kv_bytes": cost.kv_bytes, "prefill_gflop": cost.flops / 1e9,
                     "prefill_ms_per_batch": None if r is None else r["prefill_s"] * 1e3,
                     "decode_ms_per_token": None if r is None else r["decode_s_per_token"] * 1e3})
-    result = {"recipe": recipe.__dict__ | {"budgets": list(recipe.budgets), "methods": list(recipe.methods),
-                                           "variants": list(recipe.variants)},
+    result = {"recipe": recipe_dict,
               "question_only_baseline": majority_baseline(generate(2000, seed=777, **recipe.synthetic)),
               "accuracy": [{"variant": v, "method": m, "keep": k, "accuracy": a} for (v, m, k), a in acc.items()],
               "efficiency": eff, "train_seconds": t_train, "total_seconds": time.time() - t_start,

@@ -22,7 +22,9 @@ def quick_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     recipe = replace(QUICK, variants=("direct", "tcd"))
     first = run_demo(out, recipe=recipe, reuse=True, progress=False, log=lambda m: None)
-    second = run_demo(out, recipe=recipe, reuse=True, progress=False, log=lambda m: None)
+    # evaluation-only change: the models are reused and evaluated again
+    second = run_demo(out, recipe=replace(recipe, budgets=(576, 64, 36)), reuse=True, progress=False,
+                      log=lambda m: None)
     return out, recipe, first, second
 
 
@@ -30,7 +32,14 @@ def test_quick_demo_trains_every_variant_from_vanilla_and_reuses_them(quick_runs
     out, recipe, first, second = quick_runs
     assert first["reused_runs"] == []
     assert second["reused_runs"] == ["vanilla", "direct", "tcd"]
-    assert second["accuracy"] == first["accuracy"]        # the same models were evaluated
+    old = {(r["variant"], r["method"], r["keep"]): r["accuracy"] for r in first["accuracy"]}
+    new = {(r["variant"], r["method"], r["keep"]): r["accuracy"] for r in second["accuracy"]}
+    assert {k: new[k] for k in old} == old                 # the same models were evaluated
+    assert {k[2] for k in new} == {576, 64, 36}
+    # nothing changed: the saved result comes back without evaluating
+    again = run_demo(out, recipe=replace(recipe, budgets=(576, 64, 36)), reuse=True, progress=False,
+                     log=lambda m: None)
+    assert again["total_seconds"] == second["total_seconds"] and again["accuracy"] == second["accuracy"]
     for name in ("direct", "tcd"):
         cfg = json.loads((out / name / "demo_run.json").read_text())["config"]
         assert cfg["init_from"] == str(out / "vanilla" / "final")
