@@ -58,19 +58,19 @@ def format_aggregate(agg: dict, variants, methods, budgets) -> str:
              + ", ".join(f"{s}: {a:.2f}" for s, a in agg["vanilla_576"].items() if a is not None),
              f"mean accuracy +- std over seeds, and [mean paired difference to {base} +- s.e.]"]
     for method in methods:
-        lines.append(f"  {method:<14}" + "".join(f"{k:>22}" for k in budgets))
+        lines.append(f"  {method:<16}" + "".join(f"{k:>26}" for k in budgets))
         for v in variants:
             parts = []
             for k in budgets:
                 r = cell.get((v, method, k))
                 if r is None:
-                    parts.append(f"{'-':>22}")
+                    parts.append(f"{'-':>26}")
                     continue
                 d = r.get(f"minus_{base}")
                 se = r.get(f"minus_{base}_se")
                 tail = "" if d is None else f" [{d:+.2f}" + ("" if se is None else f"+-{se:.2f}") + "]"
-                parts.append(f"{r['mean']:.2f}+-{r['std']:.2f}{tail}".rjust(22))
-            lines.append(f"  {v:<14}" + "".join(parts))
+                parts.append(f"{r['mean']:.2f}+-{r['std']:.2f}{tail}".rjust(26))
+            lines.append(f"  {v:<16}" + "".join(parts))
     return "\n".join(lines)
 
 

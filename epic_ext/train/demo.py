@@ -43,9 +43,13 @@ class DemoRecipe:
     batch_size: int = 8
     lr: float = 3e-3
     continue_lr: float = 1e-3
-    # The random CLIP stays frozen, as LLaVA-1.5 freezes its CLIP: trained along (lr 3e-3) it merged
-    # red, blue and purple in some seeds, and the vanilla model learned the task in 2 of 3 seeds.
-    vision_lr: float = 0.0
+    # The random CLIP trains at a third of the LLM's rate. At 3e-3 (900 steps) it merged red, blue
+    # and purple in some seeds: 576-token accuracy 0.41 / 0.99 / 0.83 for seeds 0 / 1 / 2. Frozen,
+    # every object patch keeps its own colour and position: seed 0 learned the task (1.00) and lost
+    # at most 0.02 at 36 tokens with any method, leaving the variants nothing to differ on
+    # (benchmarks/results/demo_sweep-frozen-clip_*).
+    # At 1e-3: 1.00 / 0.77 / 0.99 / 0.83 for seeds 0 / 1 / 2 / 3, and compression costs accuracy.
+    vision_lr: float = 1e-3
     target_keep: int = 64             # direct's budget; EPIC's schedules end near it
     layer: int = 2
     # One object on a 2x2 grid, colour and position questions: the answer sits in the object's
@@ -62,9 +66,10 @@ class DemoRecipe:
     budgets: tuple = BUDGETS
     methods: tuple = METHODS
     eval_batch: int = 64
-    # Model init, data order and training data (evaluation data is fixed); benchmarks/demo_sweep.py
-    # repeats the experiment over seeds.
-    seed: int = 1
+    # Model init, data order and training data (evaluation data is fixed). Seed 0's vanilla model
+    # learns the task (1.00); seed 1's reaches 0.77 (benchmarks/results/demo-seed1_*), seeds 2 and
+    # 3 0.99 and 0.83. benchmarks/demo_sweep.py repeats the experiment over seeds.
+    seed: int = 0
 
     def __post_init__(self):
         unknown = [v for v in self.variants if v not in VARIANTS[1:]]
