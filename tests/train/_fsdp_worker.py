@@ -1,7 +1,10 @@
 """Worker of test_fsdp.py (run by torch.distributed.run, gloo on CPU): the EPIC step with every
 decoder and CLIP layer and the root fully sharded (FSDP2), each process on its half of the batch,
-against one unsharded process on the whole batch. Prints one JSON line per rank."""
+against one unsharded process on the whole batch. Each rank writes OUT_DIR/rank<r>.json (files, not
+stdout, whose lines the ranks would interleave)."""
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,8 +52,9 @@ def main():
         sharded_params += hasattr(p, "full_tensor")
         worst = max(worst, ((g - q.grad).norm() / q.grad.norm()).item())
         checked += 1
-    print(json.dumps({"rank": rank, "loss": summed.item(), "loss_ref": loss_ref.item(), "worst_rel_grad_err": worst,
-                      "checked": checked, "sharded": sharded_params}), flush=True)
+    (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps(
+        {"rank": rank, "loss": summed.item(), "loss_ref": loss_ref.item(), "worst_rel_grad_err": worst,
+         "checked": checked, "sharded": sharded_params}))
     dist.destroy_process_group()
 
 
