@@ -32,7 +32,7 @@ def aggregate(results: dict[int, dict], learned: float = 0.6, baseline: str = "d
     def table(res):
         return {(r["variant"], r["method"], r["keep"]): r["accuracy"] for r in res["accuracy"]}
     tables = {s: table(r) for s, r in results.items()}
-    vanilla = {s: t.get(("vanilla", r["recipe"]["methods"][0], 576)) for (s, t), r in zip(tables.items(), results.values())}
+    vanilla = {s: tables[s].get(("vanilla", results[s]["recipe"]["methods"][0], 576)) for s in results}
     used = sorted(s for s, a in vanilla.items() if a is not None and a >= learned)
     rows = []
     keys = sorted({k for s in used for k in tables[s]}, key=lambda k: (k[1], k[0], -k[2]))
@@ -92,21 +92,23 @@ def main(argv=None) -> int:
 
     import torch
 
-    from epic_ext.train.demo import FULL, QUICK, run_demo
+    from epic_ext.train.demo import FULL, QUICK, run_demo, split_names
     from benchmarks.common import RESULTS_DIR, machine_info
 
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = QUICK if args.quick else FULL
     changes = {"protocol": args.protocol}
-    if args.variants:
-        changes["variants"] = tuple(v.strip() for v in args.variants.split(","))
-    if args.methods:
-        changes["methods"] = tuple(m.strip() for m in args.methods.split(","))
+    for key in ("variants", "methods"):
+        if getattr(args, key):
+            changes[key] = split_names(getattr(args, key))
     for key in ("continue_lr", "continue_steps", "kl_weight"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
-    recipe = replace(recipe, **changes)
+    try:
+        recipe = replace(recipe, **changes)
+    except ValueError as e:
+        raise SystemExit(f"demo_sweep: {e}")
     tag = args.tag or "-".join([args.protocol] + [f"{k.replace('_', '')}{v}" for k, v in changes.items()
                                                    if k in ("continue_lr", "continue_steps", "kl_weight")])
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -242,13 +242,12 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
                  "synthetic visual QA task; accuracy and efficiency tables", _configure_demo)
 def _demo(args: argparse.Namespace) -> int:
     import shutil
+    from dataclasses import replace
     from pathlib import Path
 
     import torch
 
-    from dataclasses import replace
-
-    from .train.demo import FULL, QUICK, run_demo
+    from .train.demo import FULL, QUICK, run_demo, split_names
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,7 +256,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.protocol:
         changes["protocol"] = args.protocol
     if args.variants:
-        changes["variants"] = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+        changes["variants"] = split_names(args.variants)
     try:
         recipe = replace(recipe, **changes)
     except ValueError as e:

@@ -156,8 +156,7 @@ def run_demo(out_dir="runs/demo", quick: bool = False, recipe: DemoRecipe | None
     vanilla = run("vanilla", schedule="direct", schedule_options={"target_ratio": 0.0},
                   steps=recipe.vanilla_steps, lr=recipe.lr)
     runs = {"vanilla": vanilla}
-    from transformers import LlavaForConditionalGeneration
-    n_layers = LlavaForConditionalGeneration.from_pretrained(vanilla.final_dir).config.text_config.num_hidden_layers
+    n_layers = _text_config(vanilla.final_dir)["num_hidden_layers"]
     for name, (schedule, options) in _schedules(recipe, n_layers).items():
         if recipe.protocol == "continue":
             log(f"[demo] {name}: {recipe.continue_steps} steps from vanilla")
@@ -176,6 +175,7 @@ def run_demo(out_dir="runs/demo", quick: bool = False, recipe: DemoRecipe | None
             log(format_tables(saved))
             return saved
 
+    from transformers import LlavaForConditionalGeneration
     tok = build_tokenizer(model_vocab(vanilla.final_dir))
     records = generate(recipe.n_eval, seed=12345, **recipe.synthetic)
     ds = LlavaConversationDataset(records, render_images(records), tok)
@@ -214,8 +214,18 @@ def run_demo(out_dir="runs/demo", quick: bool = False, recipe: DemoRecipe | None
     return result
 
 
+def _text_config(folder) -> dict:
+    """The LLM's config of a saved LLaVA model, read without loading the weights."""
+    return json.loads((Path(folder) / "config.json").read_text())["text_config"]
+
+
 def model_vocab(folder) -> int:
-    return json.loads((Path(folder) / "config.json").read_text())["text_config"]["vocab_size"]
+    return _text_config(folder)["vocab_size"]
+
+
+def split_names(text: str | None) -> tuple | None:
+    """A comma-separated command-line list ("direct, tcd") as a tuple; None stays None."""
+    return None if text is None else tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def format_tables(result: dict) -> str:
