@@ -129,3 +129,29 @@ def test_unchecked_indices_are_memory_safe():
     mild = (q, k, None, ks[:2].repeat(2), 0, 10, kv[:2].repeat(2), 0, q_pos.clamp(-5, 99), 0.35,
             True, 1)
     check(mild)
+
+
+@pytest.mark.parametrize("interpret", [True, False], ids=["interpreter", "gpu"])
+def test_launch_plan_fits_grid_limits(monkeypatch, interpret):
+    """Units (B * Hkv) and samples go to grid dimension 0 (up to 2^31 - 1); dimension 1 stays
+    <= 65535. B = 4096 CLIP [CLS] rows with 16 heads: 65536 units, which dimension 1 could not
+    launch."""
+    monkeypatch.setattr(tat, "INTERPRET", interpret)
+    for B, Hkv, L, key_len in [(4096, 16, 577, 576), (1, 1, 1, 1), (70000, 1, 9, 9),
+                               (1, 8, 2 ** 23, 2 ** 23 - 3), (3, 2, 257, 40)]:
+        plan = tat._launch_plan(B, Hkv, L, key_len)
+        assert plan["scan_grid"] == (B * Hkv, plan["C"])
+        assert plan["combine_grid"][0] == B
+        for grid in (plan["scan_grid"], plan["combine_grid"]):
+            assert 1 <= grid[0] <= 2 ** 31 - 1
+            assert all(1 <= g <= tat.MAX_GRID_DIM1 for g in grid[1:]), (B, Hkv, L, grid)
+        assert plan["C"] * plan["block_k"] >= L > (plan["C"] - 1) * plan["block_k"]
+        assert plan["combine_grid"][1] * plan["block_t"] >= key_len
+
+
+def test_many_units_in_grid_dimension_0():
+    """More samples than key chunks (B * Hkv = 40 units, one chunk) against the reference: the
+    program ids of both launches are read in the order the grids are built."""
+    q, k, g = make(20, 4, 1, 2, 12, 8, torch.float32, seed=7)
+    check((q, k, None, None, 3, 9, None, 0, None, 0.5, True, 2))
+    check(contract_args(q, k, g, 9, True, True, 1))  # lse given: the one-pass path

@@ -3,6 +3,7 @@ interpreter: selection bit-identical, float outputs within one rounding of the d
 
 Shapes are small so that the interpreted kernels run in about a minute on two cores.
 """
+import importlib
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before any triton-jitted code is imported
@@ -253,3 +254,75 @@ def test_argument_errors():
         tb.gather_merge(tokens, torch.zeros(2, 2, dtype=torch.int64), None, 3, None)
     with pytest.raises(ValueError):
         tb.compress_topk(tokens, torch.randn(2, 4), 1, 1, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch plumbing: autotuning keys, device guard
+# --------------------------------------------------------------------------------------------
+
+def test_tune_keys_bucket_sizes():
+    """Neighbouring N, K, D share one autotuning key: compress(k="iqr") gives a new K per batch,
+    and a new key re-benchmarks every config (about a second of host syncs on a GPU)."""
+    gm = importlib.import_module("epic_ext.triton.gather_merge")  # not the re-exported function
+    assert gm._tune_keys(64, 576, 33, 4096) == gm._tune_keys(64, 576, 64, 4096)
+    assert gm._tune_keys(3, 513, 40, 3000) == gm._tune_keys(3, 1024, 50, 4096)
+    assert gm._tune_keys(64, 576, 64, 4096) != gm._tune_keys(64, 576, 65, 4096)
+    assert gm._tune_keys(100, 1, 0, 1) == (64, 1, 1, 1)
+    for kernel in (gm._gather_merge_kernel, gm._gather_merge_bwd_kernel, gm._compress_kernel):
+        assert set(kernel.keys) == {"B_KEY", "N_KEY", "K_KEY", "D_KEY", "MERGE"}
+
+
+def test_autotuner_runs_once_per_bucket(monkeypatch):
+    """With two configs the tuner benchmarks both for a new key only: a sequence of K (and N) in
+    one bucket tunes once."""
+    import triton
+    gm = importlib.import_module("epic_ext.triton.gather_merge")  # not the re-exported function
+    kernel = gm._gather_merge_kernel
+    base = kernel.configs[0]
+    benched = []
+    monkeypatch.setattr(kernel, "configs",
+                        [base, triton.Config(dict(base.kwargs), num_warps=base.num_warps)])
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "_bench",
+                        lambda *args, config, **kwargs: benched.append(config) or [1.0, 1.0, 1.0])
+    g = torch.Generator().manual_seed(3)
+    for N, K in ((100, 33), (128, 47), (120, 64), (97, 40)):
+        tokens = torch.randn(2, N, 5, generator=g)
+        idx = torch.randint(0, N, (2, K), generator=g)
+        out = tb.gather_merge(tokens, idx, None, 1, None)
+        assert_close(out, ref.gather_merge(tokens, idx, None, 1, None))
+    assert len(benched) == 2  # one key, two configs
+    tb.gather_merge(torch.randn(2, 100, 5), torch.zeros(2, 65, dtype=torch.int64), None, 1, None)
+    assert len(benched) == 4  # K = 65: the next bucket
+
+
+def test_entries_launch_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: every entry enters the device of its first
+    tensor argument (a CUDA tensor faked on the CPU), and does nothing for CPU tensors."""
+    import contextlib
+    from epic_ext.triton.select import on_tensor_device
+
+    for name in tb.__all__:
+        assert getattr(getattr(tb, name), "device_guarded", False), name
+
+    events = []
+
+    @contextlib.contextmanager
+    def device(dev):
+        events.append(("enter", torch.device(dev)))
+        yield
+        events.append("exit")
+
+    class FakeCuda(torch.Tensor):
+        is_cuda = property(lambda self: True)
+        device = property(lambda self: torch.device("cuda", 1))
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    entry = on_tensor_device(lambda *args, **kwargs: events.append("run") or 7)
+    fake = torch.Tensor._make_subclass(FakeCuda, torch.ones(2))
+    assert entry(fake, 3) == 7
+    assert events == [("enter", torch.device("cuda", 1)), "run", "exit"]
+    events.clear()
+    assert entry(2, scores=fake) == 7 and events[0] == ("enter", torch.device("cuda", 1))
+    events.clear()
+    assert entry(torch.ones(2), 3) == 7 and events == ["run"]

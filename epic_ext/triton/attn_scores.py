@@ -4,7 +4,7 @@ summed or averaged over heads and rows, K read once, no [B, H, Q, L] score matri
 Same contract as epic_ext._C.cpu.attn_scores (csrc/include/epic/ops.h) and
 epic_ext.reference.attn_scores_fwd. Two launches, no atomics (deterministic):
 
-  scan     grid (C = cdiv(L, BLOCK_K) key chunks, B * Hkv units). A unit is (sample, kv head)
+  scan     grid (B * Hkv units, C = cdiv(L, BLOCK_K) key chunks). A unit is (sample, kv head)
            with its R = (H / Hkv) * Q query rows, taken BLOCK_R = 16 at a time: scores of a row
            tile against the chunk's keys are one tl.dot ([16, BLOCK_D] x [BLOCK_D, BLOCK_K],
            fp32 accumulation; fp32 inputs in IEEE precision, not TF32), so each key row is read
@@ -14,10 +14,13 @@ epic_ext.reference.attn_scores_fwd. Two launches, no atomics (deterministic):
                stats [B * Hkv, C, R, 2], and the raw span scores to span [B, H * Q, key_len];
              with lse (one pass): p = exp(s - lse) summed over the unit's rows goes straight to
                partial [B * Hkv, key_len] (each span key belongs to exactly one chunk).
-  combine  grid (cdiv(key_len, BLOCK_T), B): out[b, t] = the kv heads' partials in order (lse
+  combine  grid (B, cdiv(key_len, BLOCK_T)): out[b, t] = the kv heads' partials in order (lse
            given), or, row by row in (h, i) order, lse from the chunks' (max, sum) merged in
            chunk order and exp(span score - lse) over the row's visible keys; / (H * Q) for mean;
            NaN where key_start[b] + t is outside [0, L).
+The large dimension (units, samples) is grid dimension 0 (up to 2^31 - 1 programs; dimensions 1
+and 2 stop at 65535: B = 4096 [CLS] rows x 16 heads would not launch there), as in
+csrc/cuda/attn_scores.cu; BLOCK_K and BLOCK_T grow until dimension 1 fits (see _launch_plan).
 Index values are clamped before use (kv_start to [0, L], query positions to [-1, L - 1], span
 starts to [-key_len, L]), so unchecked values never make an out-of-bounds access.
 """
@@ -30,10 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .select import on_tensor_device
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 REDUCE_SUM, REDUCE_MEAN = 1, 2
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_R = 16  # rows per tl.dot tile (its smallest M)
+MAX_GRID_DIM1 = 65535  # CUDA's limit on grid dimensions 1 and 2 (dimension 0: 2^31 - 1)
 
 
 def _next_pow2(n: int) -> int:
@@ -74,16 +80,17 @@ def _row_hi(qpos_ptr, b, i, Q, L, CAUSAL: tl.constexpr, HAS_QPOS: tl.constexpr):
     return hi
 
 
-@triton.autotune(configs=_configs(), key=["d", "R", "HAS_LSE", "BLOCK_K"])
+# R = (H / Hkv) * Q changes with the query count: tuned per power-of-two bucket (R_KEY).
+@triton.autotune(configs=_configs(), key=["d", "R_KEY", "HAS_LSE", "BLOCK_K"])
 @triton.jit(do_not_specialize=["B", "L", "key_len"])
 def _attn_scan_kernel(q_ptr, k_ptr, lse_ptr, ks_ptr, kv_ptr, qpos_ptr, stats_ptr, span_ptr,
                       part_ptr, B, H, Q, d, Hkv, L, G, R, key_len, C, ks_int, kv_int, scale,
-                      sq0, sq1, sq2, sq3, sk0, sk1, sk2,
+                      sq0, sq1, sq2, sq3, sk0, sk1, sk2, R_KEY,
                       HAS_LSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KS: tl.constexpr,
                       HAS_KV: tl.constexpr, HAS_QPOS: tl.constexpr, PREC: tl.constexpr,
                       UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    c = tl.program_id(0)
-    u = tl.program_id(1).to(tl.int64)
+    u = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
     b = u // Hkv
     kvh = u % Hkv
     j = c.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -142,8 +149,8 @@ def _attn_combine_kernel(stats_ptr, span_ptr, part_ptr, ks_ptr, kv_ptr, qpos_ptr
                          HAS_LSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_KS: tl.constexpr,
                          HAS_KV: tl.constexpr, HAS_QPOS: tl.constexpr, MEAN: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     tm = t < key_len
     ks = _clamped(ks_ptr, b, ks_int, HAS_KS, -key_len, L)
     j = ks + t
@@ -236,6 +243,25 @@ def _check_inputs(q, k, lse, key_start, key_start_int, key_len, kv_start, q_pos,
     _check_index(q_pos, "q_pos", B, Q, True, q.device)
 
 
+def _launch_plan(B: int, Hkv: int, L: int, key_len: int) -> dict:
+    """Block sizes and grids of the two launches: units / samples in grid dimension 0, key
+    chunks / output tiles in dimension 1 (<= MAX_GRID_DIM1)."""
+    units = B * Hkv
+    if INTERPRET:
+        block_k = min(256, max(16, _next_pow2(L)))
+    else:  # enough programs to fill the GPU when B * Hkv is small
+        block_k = 64 if triton.cdiv(L, 64) * units >= 512 else 32 if L >= 32 else 16
+    while triton.cdiv(L, block_k) > MAX_GRID_DIM1:
+        block_k *= 2
+    block_t = min(256 if INTERPRET else 512, max(16, _next_pow2(key_len)))
+    while triton.cdiv(key_len, block_t) > MAX_GRID_DIM1:
+        block_t *= 2
+    C = triton.cdiv(L, block_k)
+    return dict(block_k=block_k, block_t=block_t, C=C, scan_grid=(units, C),
+                combine_grid=(B, triton.cdiv(key_len, block_t)))
+
+
+@on_tensor_device
 def attn_scores(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None,
                 key_start: torch.Tensor | None, key_start_int: int, key_len: int,
                 kv_start: torch.Tensor | None, kv_start_int: int, q_pos: torch.Tensor | None,
@@ -258,12 +284,9 @@ def attn_scores(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None,
     G = H // Hkv
     R = G * Q
     units = B * Hkv
-    if INTERPRET:
-        block_k = min(256, max(16, _next_pow2(L)))
-    else:  # enough programs to fill the GPU when B * Hkv is small
-        block_k = 64 if triton.cdiv(L, 64) * units >= 512 else 32 if L >= 32 else 16
+    plan = _launch_plan(B, Hkv, L, key_len)
+    block_k, block_t, C = plan["block_k"], plan["block_t"], plan["C"]
     block_d = min(128, max(16, _next_pow2(d)))
-    C = triton.cdiv(L, block_k)
     has_lse = lse is not None
     f32 = torch.float32
     upcast = INTERPRET and q.dtype == torch.bfloat16
@@ -277,16 +300,14 @@ def attn_scores(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None,
     dummy = out
     flags = dict(CAUSAL=bool(causal), HAS_KS=key_start is not None, HAS_KV=kv_start is not None,
                  HAS_QPOS=q_pos is not None)
-    _attn_scan_kernel[(C, units)](
+    _attn_scan_kernel[plan["scan_grid"]](
         q, k, lse if has_lse else dummy, key_start if key_start is not None else dummy,
         kv_start if kv_start is not None else dummy, q_pos if q_pos is not None else dummy,
         stats, span, part, B, H, Q, d, Hkv, L, G, R, key_len, C, int(key_start_int),
         int(kv_start_int), scale, *q.stride(), k.stride(0), k.stride(1), k.stride(2),
-        HAS_LSE=has_lse, PREC="ieee" if q.dtype == f32 or upcast else None, UPCAST=upcast,
-        BLOCK_R=BLOCK_R,
-        BLOCK_K=block_k, BLOCK_D=block_d, **flags)
-    block_t = min(256 if INTERPRET else 512, max(16, _next_pow2(key_len)))
-    _attn_combine_kernel[(triton.cdiv(key_len, block_t), B)](
+        _next_pow2(R), HAS_LSE=has_lse, PREC="ieee" if q.dtype == f32 or upcast else None,
+        UPCAST=upcast, BLOCK_R=BLOCK_R, BLOCK_K=block_k, BLOCK_D=block_d, **flags)
+    _attn_combine_kernel[plan["combine_grid"]](
         stats, span, part, key_start if key_start is not None else dummy,
         kv_start if kv_start is not None else dummy, q_pos if q_pos is not None else dummy, out,
         B, H, Q, Hkv, L, G, R, key_len, C, int(key_start_int), int(kv_start_int), 1.0 / (H * Q),

@@ -21,11 +21,14 @@ Unlike the C++ entry points, nothing here reads device values on the host (no sy
 are not validated: counts are clamped to [0, K], and an idx entry outside [0, N) references no
 row (its output row is zero). Shapes, dtypes and devices are checked as in C++.
 
-compress_topk (one launch): every (image, D-block) program recomputes its image's top-k threshold
-from the scores (32 register passes over <= 8192 keys, cheap next to streaming N x BLOCK_D tokens)
-instead of waiting on a separate selection kernel and a second launch. It writes the row -> slot
-map to a small scratch (each program of the image writes the same values), then streams the N
+compress_topk (two launches): select.py's row kernel selects each image's top-k once (one
+program per image) and writes idx and the row -> output slot map slot[B, N] (int32, -1 for
+dropped rows); then every (image, D-block) program reads its image's slot row and streams the N
 token rows once in contiguous tiles: kept rows go to their slot, the others into the merge.
+Selecting inside each D-block program instead (one launch) would repeat the image's selection
+(32 block-wide reductions over N keys) cdiv(D, BLOCK_D) times, e.g. 32 times at D = 4096: about
+as long as streaming the block's N x BLOCK_D tokens; the second launch costs a few microseconds
+once.
 """
 from __future__ import annotations
 
@@ -33,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .select import (INTERPRET, MAX_N, check_k, check_scores, next_pow2, score_keys,
-                     top_threshold)
+from .select import (INTERPRET, MAX_N, check_k, check_scores, next_pow2, on_tensor_device,
+                     select_rows_into)
 
 _BIG = tl.constexpr(2147483647)  # first[] of a row that no valid idx references
 
@@ -52,28 +55,16 @@ def _configs():
                                 (16, 128, 4, 3), (16, 256, 8, 3), (32, 128, 8, 2))]
 
 
-def _compress_configs():
-    if INTERPRET:
-        return _configs()
-    return _configs() + [triton.Config({"BLOCK_R": r, "BLOCK_D": d, "STAGES": st}, num_warps=16)
-                         for r, d, st in ((32, 512, 1), (16, 256, 3))]
+# Autotuning keys on power-of-two buckets of the sizes, never on the exact N, K or D:
+# compress(k="iqr") changes K with every batch, and each new key re-benchmarks every config
+# (host syncs, about a second).
+_KEY = ["B_KEY", "N_KEY", "K_KEY", "D_KEY", "MERGE"]
 
 
-def _prune_compress(configs, nargs, **kwargs):
-    """The selection holds BLOCK_N keys per program: at most 32 per thread (beyond, registers
-    spill); 16 warps only where 8 would hold more than 16 keys per thread."""
-    block = kwargs["BLOCK_N"]
-    keep = [c for c in configs
-            if block <= c.num_warps * 32 * 32 and (c.num_warps < 16 or block > 8 * 32 * 16)]
-    return keep or configs[-1:]
-
-
-_KEY = ["N", "K", "D", "B_KEY", "MERGE"]
-
-
-def _b_key(B: int) -> int:
-    """Autotuning bucket of the batch size (the grid size decides the best tile)."""
-    return min(next_pow2(B), 64)
+def _tune_keys(B: int, N: int, K: int, D: int) -> tuple[int, int, int, int]:
+    """Autotuning buckets (B_KEY, N_KEY, K_KEY, D_KEY): the batch size (the grid size decides the
+    best tile) up to 64, and N, K, D rounded up to powers of two."""
+    return min(next_pow2(B), 64), next_pow2(N), next_pow2(K), next_pow2(D)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -136,7 +127,8 @@ def _plan_kernel(idx_ptr, counts_ptr, first_ptr, mult_ptr, ndrop_ptr, ndup_ptr, 
 @triton.autotune(configs=_configs(), key=_KEY)
 @triton.jit
 def _gather_merge_kernel(x_ptr, idx_ptr, counts_ptr, w_ptr, first_ptr, ndrop_ptr, out_ptr,
-                         N, K, D, x_sb, x_sn, x_sd, idx_sb, w_sb, w_sn, out_sb, out_sk, B_KEY,
+                         N, K, D, x_sb, x_sn, x_sd, idx_sb, w_sb, w_sn, out_sb, out_sk,
+                         B_KEY, N_KEY, K_KEY, D_KEY,
                          MERGE: tl.constexpr, HAS_COUNTS: tl.constexpr, ACC: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -185,7 +177,7 @@ def _gather_merge_kernel(x_ptr, idx_ptr, counts_ptr, w_ptr, first_ptr, ndrop_ptr
 @triton.jit
 def _gather_merge_bwd_kernel(g_ptr, idx_ptr, counts_ptr, w_ptr, first_ptr, mult_ptr, ndrop_ptr,
                              ndup_ptr, duprow_ptr, gx_ptr, N, K, D, g_sb, g_sk, g_sd, idx_sb,
-                             w_sb, w_sn, gx_sb, gx_sn, B_KEY,
+                             w_sb, w_sn, gx_sb, gx_sn, B_KEY, N_KEY, K_KEY, D_KEY,
                              MERGE: tl.constexpr, HAS_COUNTS: tl.constexpr, ACC: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -228,27 +220,16 @@ def _gather_merge_bwd_kernel(g_ptr, idx_ptr, counts_ptr, w_ptr, first_ptr, mult_
         tl.store(gx_b + row.to(tl.int64) * gx_sn, tl.sum(acc, axis=0)[None, :].to(dtype), mask=dm)
 
 
-@triton.autotune(configs=_compress_configs(), key=_KEY,
-                 prune_configs_by={"early_config_prune": _prune_compress})
+@triton.autotune(configs=_configs(), key=_KEY)
 @triton.jit
-def _compress_kernel(x_ptr, s_ptr, w_ptr, out_ptr, idx_ptr, slot_ptr, N, K, D, x_sb, x_sn, x_sd,
-                     s_sb, s_sn, w_sb, w_sn, out_sb, out_sk, B_KEY,
-                     MERGE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+def _compress_kernel(x_ptr, w_ptr, out_ptr, slot_ptr, N, K, D, x_sb, x_sn, x_sd, w_sb, w_sn,
+                     out_sb, out_sk, B_KEY, N_KEY, K_KEY, D_KEY,
+                     MERGE: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+    """slot[b, n]: output row of token row n (-1: dropped), from select.py's row kernel."""
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    # Selection of the image (recomputed by each D-block program: no second launch).
-    offs = tl.arange(0, BLOCK_N)
-    valid = offs < N
-    key = score_keys(tl.load(s_ptr + b * s_sb + offs * s_sn, mask=valid, other=0.0).to(tl.float32))
-    t, need = top_threshold(key, valid, K)
-    tie = valid & (key == t)
-    sel = (valid & (key > t)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
-    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    tl.store(idx_ptr + b * K + pos, offs.to(tl.int64), mask=sel & (pid_d == 0))
     slot = slot_ptr + b * N
-    tl.store(slot + offs, tl.where(sel, pos, -1), mask=valid)  # same values from every program
-    tl.debug_barrier()
     # Stream the N rows once: kept rows to their slot, dropped rows into the merge.
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = (d < D)[None, :]
@@ -260,7 +241,7 @@ def _compress_kernel(x_ptr, s_ptr, w_ptr, out_ptr, idx_ptr, slot_ptr, N, K, D, x
     for n0 in tl.range(0, N, BLOCK_R, num_stages=STAGES):
         n = n0 + rows
         nm = n < N
-        p = tl.load(slot + n, mask=nm, other=-1, cache_modifier=".cg")
+        p = tl.load(slot + n, mask=nm, other=-1)
         kept = p >= 0
         lm = nm if MERGE != 0 else kept
         v = tl.load(x_b + n.to(tl.int64)[:, None] * x_sn + col, mask=lm[:, None] & dm, other=0.0)
@@ -351,6 +332,7 @@ def _plan(idx: torch.Tensor, counts, N: int, with_dups: bool):
     return first, mult, ndrop, ndup, duprows
 
 
+@on_tensor_device
 def gather_merge(tokens: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor | None = None,
                  merge: int = MERGE_MEAN, weights: torch.Tensor | None = None) -> torch.Tensor:
     """[B, K + (merge != none), D]: kept rows, then the merged row, then zero padding."""
@@ -373,11 +355,13 @@ def gather_merge(tokens: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor |
     _gather_merge_kernel[grid](
         tokens, idx, counts if counts is not None else idx, w, first, ndrop, out, N, K, D,
         tokens.stride(0), tokens.stride(1), tokens.stride(2), idx.stride(0), w_sb, w_sn,
-        out.stride(0), out.stride(1), _b_key(B), MERGE=merge, HAS_COUNTS=counts is not None,
+        out.stride(0), out.stride(1), *_tune_keys(B, N, K, D), MERGE=merge,
+        HAS_COUNTS=counts is not None,
         ACC=_acc_dtype(tokens.dtype))
     return out
 
 
+@on_tensor_device
 def gather_merge_backward(grad_out: torch.Tensor, idx: torch.Tensor,
                           counts: torch.Tensor | None, merge: int,
                           weights: torch.Tensor | None, n_tokens: int) -> torch.Tensor:
@@ -403,11 +387,13 @@ def gather_merge_backward(grad_out: torch.Tensor, idx: torch.Tensor,
     _gather_merge_bwd_kernel[grid](
         grad_out, idx, counts if counts is not None else idx, w, first, mult, ndrop, ndup,
         duprows, gx, n_tokens, K, D, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        idx.stride(0), w_sb, w_sn, gx.stride(0), gx.stride(1), _b_key(B), MERGE=merge,
+        idx.stride(0), w_sb, w_sn, gx.stride(0), gx.stride(1), *_tune_keys(B, n_tokens, K, D),
+        MERGE=merge,
         HAS_COUNTS=counts is not None, ACC=_acc_dtype(grad_out.dtype))
     return gx
 
 
+@on_tensor_device
 def compress_topk(tokens: torch.Tensor, scores: torch.Tensor, k: int, merge: int = MERGE_MEAN,
                   weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """select_topk + gather_merge in one kernel: (out [B, k + (merge != none), D], idx [B, k])."""
@@ -436,11 +422,11 @@ def compress_topk(tokens: torch.Tensor, scores: torch.Tensor, k: int, merge: int
             idx = select_topk(scores, k)
         return out, idx
     slot = torch.empty(B, N, dtype=torch.int32, device=tokens.device)
+    select_rows_into(scores, k, idx, slot)
     w, w_sb, w_sn = _weights_args(weights, merge, tokens)
-    block_n = next_pow2(N)
     grid = lambda meta: (B, triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
     _compress_kernel[grid](
-        tokens, scores, w, out, idx, slot, N, k, D, tokens.stride(0), tokens.stride(1),
-        tokens.stride(2), scores.stride(0), scores.stride(1), w_sb, w_sn, out.stride(0),
-        out.stride(1), _b_key(B), MERGE=merge, ACC=_acc_dtype(tokens.dtype), BLOCK_N=block_n)
+        tokens, w, out, slot, N, k, D, tokens.stride(0), tokens.stride(1), tokens.stride(2),
+        w_sb, w_sn, out.stride(0), out.stride(1), *_tune_keys(B, N, k, D), MERGE=merge,
+        ACC=_acc_dtype(tokens.dtype))
     return out, idx

@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .select import on_tensor_device
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 REDUCE_NONE, REDUCE_SUM, REDUCE_MEAN, REDUCE_BATCHMEAN = 0, 1, 2, 3
@@ -291,6 +293,7 @@ def _f32_pair(x: float) -> tuple[float, float]:
     return hi, float(np.float32(x - hi))
 
 
+@on_tensor_device
 def kl_div(student: torch.Tensor, teacher: torch.Tensor, row_mask: torch.Tensor | None = None,
            temperature: float = 1.0, reduction: int = REDUCE_BATCHMEAN, reverse: bool = False,
            compute_grad: bool = True, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

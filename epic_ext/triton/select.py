@@ -23,6 +23,7 @@ and the per-row kernel reads them.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -36,6 +37,20 @@ _POOL_CHUNK = 1024 if INTERPRET else 4096
 
 def next_pow2(n: int) -> int:
     return max(1, triton.next_power_of_2(n))
+
+
+def on_tensor_device(entry):
+    """Decorator of the host entries: launch on the device of the first tensor argument, not on
+    the current CUDA device (Triton launches on the current one). No-op for CPU tensors."""
+    @functools.wraps(entry)
+    def guarded(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None or not first.is_cuda:
+            return entry(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return entry(*args, **kwargs)
+    guarded.device_guarded = True  # tests check that every entry has the guard
+    return guarded
 
 
 def _row_configs():
@@ -52,7 +67,7 @@ def _prune_row_configs(configs, nargs, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
-# Device helpers (shared with gather_merge.py's fused compress kernel)
+# Device helpers
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -165,10 +180,13 @@ def _row_outliers(x, key, valid, whisker):
 @triton.autotune(configs=_row_configs(), key=["BLOCK_N", "MODE"],
                  prune_configs_by={"early_config_prune": _prune_row_configs})
 @triton.jit
-def _select_rows_kernel(s_ptr, counts_ptr, out_ptr, N, k, cap, whisker, s_sb, s_sn, out_sb,
-                        MODE: tl.constexpr, BLOCK_N: tl.constexpr):
+def _select_rows_kernel(s_ptr, counts_ptr, out_ptr, slot_ptr, N, k, cap, whisker, s_sb, s_sn,
+                        out_sb, MODE: tl.constexpr, WRITE_SLOT: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
     """One program per row. MODE 0: keep k (out [B, k]); 1: keep the row's IQR outlier count
-    (written to counts, out [B, N] padded with -1); 2: keep counts[b] read from the device."""
+    (written to counts, out [B, N] padded with -1); 2: keep counts[b] read from the device.
+    WRITE_SLOT: also slot[b, n] = output position of row n, -1 if not kept (the fused compress
+    streams the tokens with it)."""
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     valid = offs < N
@@ -187,6 +205,8 @@ def _select_rows_kernel(s_ptr, counts_ptr, out_ptr, N, k, cap, whisker, s_sb, s_
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     out_row = out_ptr + b * out_sb
     tl.store(out_row + pos, offs.to(tl.int64), mask=sel)
+    if WRITE_SLOT:
+        tl.store(slot_ptr + b * N + offs, tl.where(sel, pos, -1), mask=valid)
     if MODE != 0:
         tl.store(out_row + offs, tl.full([BLOCK_N], -1, tl.int64), mask=valid & (offs >= count))
 
@@ -302,6 +322,7 @@ def check_k(k: int, n: int) -> None:
         raise ValueError(f"k must be in [0, N] = [0, {n}], got {k}")
 
 
+@on_tensor_device
 def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [B, k] (int64) of the k best scores of each row, ascending."""
     check_scores(scores)
@@ -314,12 +335,21 @@ def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     if N > MAX_N:  # beyond one program's registers: the exact reference (still no host sync)
         from epic_ext import reference
         return reference.select_topk(scores, k)
-    block = next_pow2(N)
-    _select_rows_kernel[(B,)](scores, idx, idx, N, k, N, 0.0, scores.stride(0), scores.stride(1),
-                              k, MODE=0, BLOCK_N=block)
+    select_rows_into(scores, k, idx)
     return idx
 
 
+def select_rows_into(scores: torch.Tensor, k: int, idx: torch.Tensor,
+                     slot: torch.Tensor | None = None) -> None:
+    """Top-k of each row (N <= MAX_N, checked arguments) into idx [B, k] and, when given,
+    slot [B, N] int32 (kept row -> its position in idx, others -1)."""
+    B, N = scores.shape
+    _select_rows_kernel[(B,)](scores, idx, idx, slot if slot is not None else idx, N, k, N, 0.0,
+                              scores.stride(0), scores.stride(1), k, MODE=0,
+                              WRITE_SLOT=slot is not None, BLOCK_N=next_pow2(N))
+
+
+@on_tensor_device
 def iqr_select(scores: torch.Tensor, whisker: float = 1.5, pooled: bool = False,
                max_k: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """IQR outlier selection: (counts [B] int64, indices [B, N] int64 padded with -1)."""
@@ -344,6 +374,7 @@ def iqr_select(scores: torch.Tensor, whisker: float = 1.5, pooled: bool = False,
         _pooled_counts_kernel[(1,)](scores, counts, B, N, cap, whisker, sb, sn, CONTIG=contig,
                                     CHUNK=_POOL_CHUNK, num_warps=1 if INTERPRET else 16,
                                     enable_fp_fusion=False)
-    _select_rows_kernel[(B,)](scores, counts, indices, N, 0, cap, whisker, sb, sn, N,
-                              MODE=2 if pooled else 1, BLOCK_N=block, enable_fp_fusion=False)
+    _select_rows_kernel[(B,)](scores, counts, indices, indices, N, 0, cap, whisker, sb, sn, N,
+                              MODE=2 if pooled else 1, WRITE_SLOT=False, BLOCK_N=block,
+                              enable_fp_fusion=False)
     return counts, indices
