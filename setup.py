@@ -87,7 +87,7 @@ if build_cuda:
 setup(
     name="epic-ext",
     version="0.1.0",
-    packages=find_packages(include=["epic_ext", "epic_ext.*", "benchmarks"]),
+    packages=find_packages(include=["epic_ext", "epic_ext.*"]),  # benchmarks/: source checkouts only
     ext_modules=[
         extension(
             name="epic_ext._C",

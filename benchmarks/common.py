@@ -1,5 +1,6 @@
-"""Measurement for the benchmarks: timing, the copy-bandwidth yardstick, machine identity and the
-JSON result files (the harness that drives cases and prints tables is harness.py).
+"""Measurement for the benchmarks: timing, the copy-bandwidth yardstick and the JSON result files
+(the harness that drives cases and prints tables is harness.py; machine identity and the results
+folder live in the package, epic_ext/machine.py, shared with `epic-ext demo`).
 
 Timing: on CUDA every repetition is bracketed by a pair of `torch.cuda.Event`s (the L2 cache is
 flushed before each one by zeroing a buffer twice its size, outside the events); on the CPU by
@@ -24,7 +25,6 @@ import datetime as _dt
 import gc
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -36,8 +36,11 @@ from typing import Any, Callable
 
 import torch
 
-RESULTS_DIR = Path(os.environ.get("EPIC_EXT_BENCH_DIR",
-                                  Path(__file__).resolve().parent / "results"))
+from epic_ext.machine import (DATASHEET_BW, cpu_cores, cpu_model, datasheet_bandwidth,  # noqa: F401
+                              machine_info, pick_device, results_dir, slug)
+
+# $EPIC_EXT_BENCH_DIR, else ./benchmarks/results under the current directory (epic_ext.machine).
+RESULTS_DIR = results_dir()
 SCHEMA = 1
 MEMORY_FRACTION = 0.4  # skip a case whose estimated footprint exceeds this share of free memory
 
@@ -48,27 +51,10 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 TOLERANCES = {torch.float32: (1.3e-6, 1e-5), torch.bfloat16: (1.6e-2, 1e-2),
               torch.float16: (1e-3, 1e-3), torch.float64: (1e-7, 1e-7)}
 
-# Datasheet memory bandwidth (bytes/s) of the GPUs the project targets (DESIGN.md section 5).
-DATASHEET_BW = (("H200", 4.8e12), ("H100 80GB HBM3", 3.35e12), ("H100 SXM", 3.35e12))
-
 
 # --------------------------------------------------------------------------------------------
 # devices, synchronisation, memory
 # --------------------------------------------------------------------------------------------
-
-def pick_device(name: str | None = None) -> torch.device:
-    """'auto'/None: the current CUDA device when one is visible, else the CPU."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is visible")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -283,85 +269,6 @@ def copy_bandwidth(nbytes: int, device: torch.device | str, dtype: torch.dtype =
 
 
 # --------------------------------------------------------------------------------------------
-# machine identity
-# --------------------------------------------------------------------------------------------
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        try:
-            import subprocess
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
-                                  text=True, timeout=5).stdout.strip() or platform.processor()
-        except Exception:  # noqa: BLE001
-            pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def _cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def datasheet_bandwidth(gpu_name: str) -> float | None:
-    for pattern, bw in DATASHEET_BW:
-        if pattern.lower() in gpu_name.lower():
-            return bw
-    return None
-
-
-def machine_info(device: torch.device | str | None = None) -> dict:
-    """Identity of the machine a result belongs to; no host name, nothing personal."""
-    device = pick_device(device if isinstance(device, str) or device is None else str(device))
-    cpu, cores = _cpu_model(), _cpu_cores()
-    info = {
-        "device_type": device.type,
-        "cpu": cpu,
-        "cpu_cores": cores,
-        "torch_threads": torch.get_num_threads(),
-        "os": f"{platform.system()} {platform.machine()}",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        # thread settings change CPU timings a lot (OpenMP wake-ups on small VMs): record them
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
-                                           "KMP_BLOCKTIME", "MKL_NUM_THREADS",
-                                           "CUDA_VISIBLE_DEVICES", "EPIC_EXT_BACKEND")
-                if k in os.environ},
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        name = torch.cuda.get_device_name(device)
-        info.update({
-            "gpu": name,
-            "gpu_memory_bytes": int(props.total_memory),
-            "gpu_sm_count": int(props.multi_processor_count),
-            "gpu_capability": f"{props.major}.{props.minor}",
-            "gpu_l2_bytes": int(getattr(props, "L2_cache_size", 0) or 0),
-            "cuda_runtime": torch.version.cuda or torch.version.hip,
-            "gpu_count": torch.cuda.device_count(),
-            "datasheet_bw": datasheet_bandwidth(name),
-        })
-        info["name"] = name
-        info["slug"] = _slug(name)
-    else:
-        info["name"] = f"{cpu} ({cores} cores)"
-        info["slug"] = f"cpu-{_slug(cpu)}-{cores}c"
-    return info
-
-
-# --------------------------------------------------------------------------------------------
 # results files
 # --------------------------------------------------------------------------------------------
 
@@ -371,7 +278,7 @@ def result_path(bench: str, slug: str, out_dir: Path | str | None = None) -> Pat
 
 def write_results(bench: str, rows: list[dict], machine: dict, config: dict | None = None,
                   out_dir: Path | str | None = None) -> Path:
-    """benchmarks/results/<bench>_<machine-slug>.json, written atomically (temp file + rename)."""
+    """<results folder>/<bench>_<machine-slug>.json, written atomically (temp file + rename)."""
     path = result_path(bench, machine["slug"], out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

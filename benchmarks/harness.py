@@ -168,6 +168,18 @@ def _short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:160]}"
 
 
+# The copy yardstick is the ceiling of a bandwidth-bound op moving the same bytes; an op that
+# beats it by more than timing noise is not bandwidth-bound at this size (its bytes sit in cache,
+# or its time is latency or compute), so its fraction of copy means nothing and is not reported.
+FRAC_COPY_MAX = 1.2
+
+
+def frac_copy(r: dict) -> float | None:
+    """The row's fraction of plain-copy bandwidth, None when absent or not meaningful."""
+    f = r.get("frac_copy")
+    return f if f is not None and 0 < f <= FRAC_COPY_MAX else None
+
+
 def header(memory: bool = False) -> str:
     """memory=True adds the peak-memory columns (rows of a run_bench with memory_unit)."""
     mem = f" {'peak+MB':>9} {'x unit':>6}" if memory else ""
@@ -179,7 +191,7 @@ def format_row(r: dict) -> str:
     if r.get("skipped"):
         return f"{r['case']:<36} {r['provider']:<12} skipped: {r['skipped']}"
     sp = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
-    frac = f"{r['frac_copy']:.0%}" if r.get("frac_copy") is not None else "-"
+    frac = f"{frac_copy(r):.0%}" if frac_copy(r) is not None else "-"
     mem = ""
     if "peak_extra_bytes" in r:  # only rows of a run with memory_unit
         pb, pu = r.get("peak_extra_bytes"), r.get("peak_extra_units")
@@ -214,8 +226,8 @@ def side_by_side(rows: list[dict], title: str = "") -> str:
                 cell = f"{r['median_ms']:.3f} ms"
                 if r.get("speedup") and p != "eager":
                     cell += f" {r['speedup']:.2f}x"
-                if r.get("frac_copy") is not None:
-                    cell += f" {r['frac_copy']:.0%}cp"
+                if frac_copy(r) is not None:
+                    cell += f" {frac_copy(r):.0%}cp"
                 if r.get("check", "").startswith("MISMATCH"):
                     cell += " !"
             cells.append(f"{cell:<{width}}")
@@ -311,7 +323,8 @@ def run_bench(bench: str, cases: list[Case], providers: list[Provider], *,
                 r.update(t.as_dict())
                 r["gbps"] = nbytes / (t.median_ms * 1e-3) / 1e9
                 r["copy_gbps"] = copy_bps / 1e9 if copy_bps else None
-                r["frac_copy"] = nbytes / (t.median_ms * 1e-3) / copy_bps if copy_bps else None
+                r["frac_copy"] = frac_copy(
+                    {"frac_copy": nbytes / (t.median_ms * 1e-3) / copy_bps if copy_bps else None})
                 if peak:
                     r["frac_datasheet"] = nbytes / (t.median_ms * 1e-3) / peak
                 if prov is baseline:

@@ -63,7 +63,7 @@ def plot(docs: list[dict], path: Path, title: str) -> Path | None:
                 xs, ys = [], []
                 for i, case in enumerate(cases):
                     r = by.get((case, prov))
-                    v = r.get(key) if r else None
+                    v = (harness.frac_copy(r) if key == "frac_copy" else r.get(key)) if r else None
                     if v is not None and v > 0 and math.isfinite(v):
                         xs.append(i - 0.4 + width * (j + 0.5))
                         ys.append(v)

@@ -7,26 +7,38 @@ LLaVA-style multimodal LLMs.
 Kernels run on the best backend for the tensors' device (C++ CPU, CUDA, Triton, or the
 pure-PyTorch reference); `epic_ext.backends()` says which are available and why not.
 """
-from . import reference
-from ._backend import backends, use_backend
-from .attn import attn_scores
-from .kl import fused_linear_kl, kl_div
-from .ops import (Compressed, IQRSelection, compress, gather_merge, iqr_select, resolve_k,
-                  select_topk)
-
 __version__ = "0.1.0"
 
-# The model-level API imports transformers; load it on first use so `import epic_ext` stays light.
-_LAZY = {"apply": ("models", "apply"), "revert": ("models", "revert"), "infer": ("inference", "infer"),
-         "available_methods": ("methods", "available_methods")}
+# Every public name loads on first use (PEP 562), so `import epic_ext` (and the `epic-ext`
+# command, whose --help must not wait for torch) stays light; `epic_ext.compress` etc. work as
+# plain attributes, and the ops are registered with torch.library when their module loads.
+_LAZY = {
+    "backends": ("_backend", "backends"), "use_backend": ("_backend", "use_backend"),
+    "attn_scores": ("attn", "attn_scores"),
+    "fused_linear_kl": ("kl", "fused_linear_kl"), "kl_div": ("kl", "kl_div"),
+    **{name: ("ops", name) for name in ("Compressed", "IQRSelection", "compress", "gather_merge",
+                                         "iqr_select", "resolve_k", "select_topk")},
+    "apply": ("models", "apply"), "revert": ("models", "revert"), "infer": ("inference", "infer"),
+    "available_methods": ("methods", "available_methods"),
+}
+_SUBMODULES = ("reference", "ops", "kl", "attn", "cost", "inference", "machine", "methods", "models",
+               "train", "triton", "cli")
 
 
 def __getattr__(name):
+    import importlib
     if name in _LAZY:
-        import importlib
         mod, attr = _LAZY[name]
-        return getattr(importlib.import_module(f".{mod}", __name__), attr)
+        value = getattr(importlib.import_module(f".{mod}", __name__), attr)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
 __all__ = ["Compressed", "IQRSelection", "apply", "attn_scores", "available_methods", "backends", "compress",

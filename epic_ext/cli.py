@@ -1,7 +1,11 @@
 """The `epic-ext` command line.
 
     epic-ext info                     backends, torch version, device
-    epic-ext bench [benchmark args]   the microbenchmarks (python -m benchmarks ...)
+    epic-ext bench [benchmark args]   the microbenchmarks of a source checkout (python -m benchmarks)
+    epic-ext infer / train / demo     inference with a method, EPIC training, the demo
+
+Mistakes (bad arguments, missing files, bad configs) print one line, `epic-ext <command>: error:
+...`, and exit with status 2; `--debug` (or EPIC_EXT_DEBUG=1) shows the traceback too.
 
 Subcommands live in a registry: a new one (train, infer, demo, ...) is a function decorated with
 `@command(name, help)` that receives its parsed arguments and returns an exit status, plus an
@@ -50,6 +54,7 @@ def _configure_info(p: argparse.ArgumentParser) -> None:
 
 @command("info", "backends, torch version and device", _configure_info)
 def _info(args: argparse.Namespace) -> int:
+    import os
     import platform
 
     import torch
@@ -87,46 +92,102 @@ def _info(args: argparse.Namespace) -> int:
     print(f"device: {dev}; CUDA build {info['cuda_build']}; triton {info['triton']}; "
           f"CPU threads {info['cpu_threads']}")
     print("backends:")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     for name, b in info["backends"].items():
-        print(f"  {name:<10} {'yes' if b['available'] else 'no ':<4} {b['reason']}")
+        reason = b["reason"]
+        if name == "triton" and b["available"] and not interpret:
+            # Compiled Triton runs CUDA tensors only; CPU tensors need the interpreter.
+            reason += "; CUDA tensors only (CPU tensors need TRITON_INTERPRET=1)"
+        elif name == "triton" and b["available"]:
+            reason += "; TRITON_INTERPRET=1: interpreted (CPU tensors too, slowly)"
+        print(f"  {name:<10} {'yes' if b['available'] else 'no ':<4} {reason}")
     return 0
 
 
 # --------------------------------------------------------------------------- bench
 
-@command("bench", "run the microbenchmarks (arguments go to `python -m benchmarks`; "
-                  "`epic-ext bench --help` for them)", passthrough=True)
+def find_benchmarks() -> "str | None":
+    """The source checkout whose benchmarks/ `epic-ext bench` runs: the one holding this package
+    (an in-place or editable install), else the current directory; None when neither has them.
+    The benchmarks are not part of the installed package and are never imported from it."""
+    from pathlib import Path
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "benchmarks" / "__main__.py").is_file():
+            return str(root)
+    return None
+
+
+@command("bench", "run the microbenchmarks of a source checkout (`python -m benchmarks` in a "
+                  "subprocess; its options pass through, `epic-ext bench --help` for them); results "
+                  "in ./benchmarks/results unless --out DIR or EPIC_EXT_BENCH_DIR says otherwise",
+         passthrough=True)
 def _bench(args: argparse.Namespace) -> int:
-    try:
-        from benchmarks.__main__ import main as bench_main
-    except ImportError as e:
-        print(f"epic-ext bench: the benchmarks package is not importable ({e}); run from a "
-              "source checkout or install the package with its benchmarks", file=sys.stderr)
-        return 2
-    return bench_main(list(args.rest)) or 0
+    import os
+    import subprocess
+
+    from .machine import RESULTS_ENV, results_dir
+
+    rest, out, i = [], None, 0
+    while i < len(args.rest):                     # --out DIR / --out=DIR is ours, the rest theirs
+        tok = args.rest[i]
+        if tok == "--out":
+            if i + 1 >= len(args.rest):
+                raise ValueError("--out: expected a folder")
+            out, i = args.rest[i + 1], i + 2
+            continue
+        if tok.startswith("--out="):
+            out = tok.split("=", 1)[1]
+        else:
+            rest.append(tok)
+        i += 1
+    root = find_benchmarks()
+    if root is None:
+        raise FileNotFoundError("the benchmarks are not part of the installed package; run "
+                                "`epic-ext bench` from a source checkout of epic-ext (its "
+                                "benchmarks/ folder, or in it: python -m benchmarks)")
+    env = dict(os.environ)
+    env[RESULTS_ENV] = str(results_dir(out))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    if not ({"-h", "--help", "--list"} & set(rest)):
+        _note("bench", f"benchmarks of {root}; results in {env[RESULTS_ENV]}")
+    return subprocess.call([sys.executable, "-m", "benchmarks", *rest], env=env)
 
 
 # --------------------------------------------------------------------------- infer
 
+PRESET_NAMES = ("tiny", "demo", "llava-1.5-7b-depth")   # epic_ext.models.tiny.PRESETS (kept light here)
+DEFAULT_PROMPT = "What is in the image?"
+
+
 def _configure_infer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny",
-                   help="a tiny preset (tiny, llava-1.5-7b-depth) or a local LLaVA checkpoint folder")
+                   help=f"a tiny preset ({', '.join(PRESET_NAMES)}: random weights, offline) or a local "
+                        "LLaVA checkpoint folder")
     p.add_argument("--method", default=None, help="token-reduction method (default: none)")
     p.add_argument("--keep", default=None, help="visual tokens kept: a count, or a ratio like 0.25")
     p.add_argument("--layer", type=int, default=None, help="decoder layer K of in-LLM methods")
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                    help="another method option (repeatable), e.g. --option sign=1")
-    p.add_argument("--image", action="append", default=[], help="image file (repeat per request); "
-                   "tiny presets use a random image when none is given")
-    p.add_argument("--prompt", action="append", default=[], help="question (repeat per request)")
+    p.add_argument("--clip", default=None, metavar="PATH",
+                   help="TRIM's CLIP: a local CLIP checkpoint folder with both towers and its tokenizer "
+                        "(LLaVA-1.5: openai/clip-vit-large-patch14-336); the tiny presets default to "
+                        "an offline random tiny scorer")
+    p.add_argument("--image", action="append", default=[],
+                   help="image file: one per --prompt, or one for all prompts; the tiny presets use a "
+                        "random image per prompt when none is given")
+    p.add_argument("--prompt", action="append", default=[],
+                   help=f"question (repeatable; default {DEFAULT_PROMPT!r})")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None)
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (timings exclude warm-up)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on a CPU (bf16 is several times slower on CPUs without "
+                        "bf16 units), bfloat16 for a checkpoint on a GPU")
+    p.add_argument("--device", default=None, help="default: cuda when visible, else cpu")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed runs first (timings exclude them; default 0 on a CPU, 1 on a GPU)")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
 
 
@@ -138,58 +199,208 @@ def _parse_value(text: str):
         return text
 
 
+def _note(command: str, text: str) -> None:
+    """Progress and defaults go to stderr, so --json output stays one JSON document."""
+    print(f"epic-ext {command}: {text}", file=sys.stderr, flush=True)
+
+
+def pair_requests(images: list, prompts: list, *, random_images: bool) -> tuple[list, list]:
+    """(images, prompts) of equal length: one image per prompt, or one image for every prompt;
+    no prompt: the default question for each image; no image: None per prompt where random
+    images are allowed (tiny presets). ValueError naming the options otherwise."""
+    prompts = list(prompts) or [DEFAULT_PROMPT] * max(1, len(images))
+    if not images:
+        if not random_images:
+            raise ValueError("--image: a checkpoint needs an image file (one per --prompt, or one "
+                             "for all prompts)")
+        return [None] * len(prompts), prompts
+    if len(images) == len(prompts):
+        return list(images), prompts
+    if len(images) == 1:
+        return list(images) * len(prompts), prompts
+    raise ValueError(f"--image / --prompt: got {len(images)} images and {len(prompts)} prompts; give "
+                     "one image per prompt, or one image for all prompts")
+
+
+def _check_infer_args(args: argparse.Namespace) -> tuple[dict, object]:
+    """Everything that can be checked without torch or a model: (method options, keep)."""
+    import math
+    import os
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    if args.warmup is not None and args.warmup < 0:
+        raise ValueError(f"--warmup: must be >= 0, got {args.warmup}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k: must be >= 1, got {args.top_k}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ValueError(f"--temperature: must be a finite number > 0, got {args.temperature}")
+    if args.layer is not None and args.layer < 0:
+        raise ValueError(f"--layer: must be >= 0, got {args.layer}")
+    if args.model not in PRESET_NAMES:
+        if not os.path.isdir(args.model):
+            raise FileNotFoundError(f"--model: {args.model!r} is neither a tiny preset "
+                                    f"({', '.join(PRESET_NAMES)}) nor a local checkpoint folder")
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise FileNotFoundError(f"--model: {args.model} is not a checkpoint folder (no config.json)")
+    from PIL import Image
+    for f in args.image:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"--image: no such file: {f}")
+        try:
+            with Image.open(f) as im:
+                im.verify()
+        except OSError as e:
+            raise OSError(f"--image: {f}: not a readable image ({e})") from None
+    pair_requests(args.image, args.prompt, random_images=args.model in PRESET_NAMES)
+    options = {}
+    for kv in args.option:
+        name, eq, value = kv.partition("=")
+        if not eq or not name.strip():
+            raise ValueError(f"--option: expected NAME=VALUE, got {kv!r}")
+        options[name.strip()] = _parse_value(value)
+    if "scorer" in options:
+        raise ValueError("--option scorer: TRIM's scorer is loaded from --clip PATH (a local CLIP "
+                         "checkpoint folder)")
+    if "keep" in options or "layer" in options:
+        raise ValueError("--option: give keep and layer as --keep and --layer")
+    if args.layer is not None:
+        options["layer"] = args.layer
+    keep = None
+    if args.keep is not None:
+        keep = _parse_value(args.keep)
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+            raise ValueError(f"--keep: a count (e.g. 64) or a ratio in [0, 1] (e.g. 0.25), got {args.keep!r}")
+        if isinstance(keep, int) and keep < 0 or isinstance(keep, float) and not 0.0 <= keep <= 1.0:
+            raise ValueError(f"--keep: a count >= 0 or a ratio in [0, 1], got {args.keep}")
+    method = (args.method or "none").lower().replace("-", "_")
+    if args.clip is not None:
+        if method != "trim":
+            raise ValueError("--clip: only --method trim uses a CLIP checkpoint")
+        if not os.path.isdir(args.clip):
+            raise FileNotFoundError(f"--clip: {args.clip}: no such folder (a local CLIP checkpoint "
+                                    "folder with both towers and its tokenizer)")
+    elif method == "trim" and args.model not in PRESET_NAMES:
+        raise ValueError("--method trim: needs --clip PATH, a local CLIP checkpoint folder with both "
+                         "towers and its tokenizer (LLaVA-1.5: openai/clip-vit-large-patch14-336)")
+    return options, keep
+
+
+def _check_method(args: argparse.Namespace, options: dict, keep, llava_config, clip_cfg) -> None:
+    """The method's name and options, --layer against the model's depth and TRIM's CLIP against
+    the vision tower, from the configs alone (before any weights load)."""
+    from dataclasses import fields
+
+    from .methods import get_method
+    from .methods.trim import check_keep
+    spec = get_method(args.method or "none")
+    depth = llava_config.text_config.num_hidden_layers
+    if args.layer is not None and args.layer >= depth:
+        raise ValueError(f"--layer: the model has {depth} decoder layers, got {args.layer}")
+    if spec.stage == "vision" and "layer" in options:
+        raise ValueError(f"--layer: {spec.name} reduces before the projector and has no layer")
+    if spec.name != "trim":
+        spec.make_config(keep=keep, **options)
+        return
+    known = {f.name for f in fields(spec.config_cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"--option: method 'trim' has no option(s) {unknown}; its options are {sorted(known)}")
+    try:
+        check_keep(keep)
+    except ValueError as e:
+        raise ValueError(f"--keep: {e}") from None
+    if clip_cfg is not None:
+        width, want = clip_cfg.vision_config.hidden_size, llava_config.vision_config.hidden_size
+        if width != want:
+            raise ValueError(f"--clip: its vision width {width} differs from the model's vision "
+                             f"tower ({want}); TRIM needs the CLIP the model's vision tower came from")
+
+
 @command("infer", "answer prompts about images with a token-reduction method and report "
                   "tokens, KV bytes, FLOPs and latency", _configure_infer)
 def _infer(args: argparse.Namespace) -> int:
     import json
+    import time
+
+    options, keep = _check_infer_args(args)       # before torch: mistakes cost no import time
 
     import torch
 
-    from .inference import format_reports, infer
+    from .inference import default_dtype, default_warmup, format_reports, infer
     from .models import tiny
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    prompts = args.prompt or ["What is in the image?"]
-    if args.model in tiny.PRESETS:
-        dtype = getattr(torch, args.dtype or "float32")
+    preset = args.model in tiny.PRESETS
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is visible")
+    if preset:
+        llava_config = tiny.llava_config(args.model)
+    else:
+        from transformers import AutoConfig
+        llava_config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    clip_cfg = None
+    if args.clip is not None:
+        from .methods.trim import clip_config
+        clip_cfg = clip_config(args.clip)
+    _check_method(args, options, keep, llava_config, clip_cfg)
+    images, prompts = pair_requests(args.image, args.prompt, random_images=preset)
+    from PIL import Image
+
+    if args.dtype is None:
+        dtype = default_dtype(device, checkpoint=not preset)
+        if device.type == "cpu" and not preset:
+            _note("infer", "running in float32 on the CPU (bfloat16 is several times slower on CPUs "
+                           "without bf16 units; --dtype bfloat16 to override)")
+    else:
+        dtype = getattr(torch, args.dtype)
+    warmup = default_warmup(device) if args.warmup is None else args.warmup
+    if args.warmup is None and warmup == 0:
+        _note("infer", "no warm-up run on the CPU (--warmup N adds untimed runs first)")
+
+    t0 = time.perf_counter()
+    if preset:
         model = tiny.build_tiny_llava(args.model, dtype=dtype, device=device)
         processor = tiny.TinyProcessor(model)
-        if args.image:
-            images = args.image
-        else:
-            from PIL import Image
+        if images[0] is None:
             g = torch.Generator().manual_seed(args.seed)
             size = model.config.vision_config.image_size
             images = [Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy())
                       for _ in prompts]
         inputs = processor(images, prompts)
+        llm_tokenizer = processor
     else:
-        from PIL import Image
-        from transformers import AutoProcessor
-        dtype = getattr(torch, args.dtype or "bfloat16")
         model = tiny.load_llava(args.model, dtype=dtype, device=device)
-        processor = AutoProcessor.from_pretrained(args.model, local_files_only=True)
-        processor.tokenizer.padding_side = "left"
-        if len(args.image) != len(prompts):
-            print("epic-ext infer: give one --image per --prompt", file=sys.stderr)
-            return 2
+        processor = tiny.load_processor(args.model)
         texts = [f"USER: <image>\n{p} ASSISTANT:" for p in prompts]
-        inputs = processor(images=[Image.open(f).convert("RGB") for f in args.image], text=texts,
-                           return_tensors="pt", padding=True)
-        processor.decode = lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True)
-    if len(inputs["input_ids"]) != len(prompts):
-        print("epic-ext infer: give one --image per --prompt", file=sys.stderr)
-        return 2
-    options = dict(kv.split("=", 1) for kv in args.option)
-    options = {k: _parse_value(v) for k, v in options.items()}
-    if args.layer is not None:
-        options["layer"] = args.layer
-    keep = _parse_value(args.keep) if args.keep is not None else None
+        opened = {f: Image.open(f).convert("RGB") for f in set(images)}
+        inputs = processor(images=[opened[f] for f in images], text=texts, return_tensors="pt",
+                           padding=True)
+        llm_tokenizer = processor.tokenizer
+        processor.decode = lambda ids: llm_tokenizer.decode(ids, skip_special_tokens=True)
+    if (args.method or "").lower() == "trim":
+        from .methods.trim import ClipTextScorer
+        if args.clip is not None:
+            options["scorer"] = ClipTextScorer.from_pretrained(args.clip, llm_tokenizer, device=device)
+        else:
+            options["scorer"] = ClipTextScorer.tiny(model.config.vision_config,
+                                                    model.config.text_config.vocab_size)
+            _note("infer", "TRIM scores with the offline random tiny CLIP (--clip PATH for a real one)")
+    _note("infer", f"loaded {args.model} ({str(dtype).removeprefix('torch.')}, {device}) in "
+                   f"{time.perf_counter() - t0:.1f} s")
     kw = dict(method=args.method, keep=keep, processor=processor, max_new_tokens=args.max_new_tokens,
               do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, seed=args.seed, **options)
-    for _ in range(args.warmup):
+    for i in range(warmup):
+        t0 = time.perf_counter()
         infer(model, inputs, **{**kw, "max_new_tokens": 2})
+        _note("infer", f"warm-up {i + 1}/{warmup} in {time.perf_counter() - t0:.1f} s")
     reports = infer(model, inputs, **kw)
+    r = reports[0]
+    decode = (f", decode {1e3 / r.decode_ms_per_token:.1f} tok/s"
+              if args.max_new_tokens > 1 and r.decode_ms_per_token > 0 else "")
+    _note("infer", f"prefill {r.prefill_ms / 1e3:.2f} s{decode} (batch {r.batch_size})")
     if args.json:
         print(json.dumps([r.as_dict() for r in reports], indent=1))
     else:
@@ -227,7 +438,8 @@ def _train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- demo
 
 def _configure_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (CI)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run of every stage on a few examples (CI; 1-2 minutes on a 2-core CPU)")
     p.add_argument("--out", default="runs/demo", help="output folder (models, demo.json, demo.png)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=None, help="training seed (default: the recipe's, whose results are committed)")
@@ -257,36 +469,48 @@ def _demo(args: argparse.Namespace) -> int:
         changes["protocol"] = args.protocol
     if args.variants:
         changes["variants"] = split_names(args.variants)
-    try:
-        recipe = replace(recipe, **changes)
-    except ValueError as e:
-        raise SystemExit(f"epic-ext demo: {e}")
+    recipe = replace(recipe, **changes)        # a bad variant: ValueError, one line from main
     result = run_demo(args.out, recipe=recipe, seed=args.seed, reuse=args.reuse)
     if not args.quick and args.seed is None and not changes:
         # Keep the tables and plot with the project's measured results, named by machine.
-        from benchmarks.common import RESULTS_DIR, machine_info
+        from .machine import machine_info, results_dir
         slug = machine_info("cpu")["slug"]
-        Path(RESULTS_DIR).mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(args.out) / "demo.json", Path(RESULTS_DIR) / f"demo_{slug}.json")
-        shutil.copy(Path(args.out) / "demo.png", Path(RESULTS_DIR) / f"demo_{slug}.png")
+        folder = results_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(args.out) / "demo.json", folder / f"demo_{slug}.json")
+        shutil.copy(Path(args.out) / "demo.png", folder / f"demo_{slug}.png")
     return 0 if result else 1
 
 
 # --------------------------------------------------------------------------- main
 
+DEBUG_HELP = "show the Python traceback of an error (or set EPIC_EXT_DEBUG=1)"
+# The package's own errors (bad arguments, files, configs) become one line and exit status 2;
+# anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, OSError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="epic-ext", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS.values():
         sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help,
                             add_help=not cmd.passthrough)
+        if not cmd.passthrough:
+            sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         if cmd.configure:
             cmd.configure(sp)
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -299,7 +523,18 @@ def main(argv: list[str] | None = None) -> int:
         args.rest = argv[argv.index(cmd.name) + 1:]
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return int(cmd.run(args) or 0)
+    debug = args.debug or os.environ.get("EPIC_EXT_DEBUG", "") not in ("", "0")
+    try:
+        return int(cmd.run(args) or 0)
+    except USER_ERRORS as e:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        print(f"epic-ext {cmd.name}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"epic-ext {cmd.name}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

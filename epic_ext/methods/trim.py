@@ -159,10 +159,10 @@ class ClipTextScorer(nn.Module):
         """From a CLIP checkpoint holding both towers (LLaVA-1.5: openai/clip-vit-large-patch14-336)
         and the LLM's tokenizer (anything with ``decode(ids, skip_special_tokens=True)``).
         Extra kwargs go to every ``from_pretrained`` call."""
-        from transformers import (AutoConfig, CLIPTextModelWithProjection, CLIPTokenizer,
+        from transformers import (CLIPTextModelWithProjection, CLIPTokenizer,
                                   CLIPVisionModelWithProjection)
         text_kw, vision_kw = dict(kwargs), dict(kwargs)
-        cfg = AutoConfig.from_pretrained(clip_path, **kwargs)
+        cfg = clip_config(clip_path, **kwargs)
         if getattr(cfg, "model_type", None) == "clip":
             # A two-tower checkpoint keeps projection_dim at the top level; the sub-configs'
             # own default (512) would re-initialise the projections.
@@ -198,6 +198,37 @@ class ClipTextScorer(nn.Module):
             proj = nn.Linear(vision_config.hidden_size, proj_dim, bias=False)
             nn.init.normal_(proj.weight, std=vision_config.hidden_size ** -0.5)
         return cls(text, proj, ModVocabIds(vocab_size)).eval().requires_grad_(False)
+
+
+def clip_config(clip_path, **kwargs):
+    """The config of a local two-tower CLIP checkpoint folder, after checking that the folder
+    holds what :meth:`ClipTextScorer.from_pretrained` reads (config, weights, tokenizer files):
+    FileNotFoundError / ValueError naming the folder otherwise (a missing folder would
+    otherwise be taken for a hub repo id)."""
+    import os
+
+    from transformers import AutoConfig
+    path = os.fspath(clip_path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"clip_path: {path}: no such folder (a local CLIP checkpoint folder "
+                                "with both towers and its tokenizer is expected)")
+    files = set(os.listdir(path))
+    missing = []
+    if "config.json" not in files:
+        missing.append("config.json")
+    if not any(f.endswith(".safetensors") for f in files) and "pytorch_model.bin" not in files:
+        missing.append("weights (*.safetensors or pytorch_model.bin)")
+    if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
+        missing.append("tokenizer (vocab.json + merges.txt, or tokenizer.json)")
+    if missing:
+        raise FileNotFoundError(f"clip_path: {path}: not a CLIP checkpoint folder, missing "
+                                + "; ".join(missing))
+    kwargs.setdefault("local_files_only", True)
+    cfg = AutoConfig.from_pretrained(path, **kwargs)
+    if getattr(cfg, "model_type", None) != "clip":
+        raise ValueError(f"clip_path: {path} holds a {getattr(cfg, 'model_type', '?')!r} model, "
+                         "not a CLIP checkpoint (text and vision towers)")
+    return cfg
 
 
 def _layer_norm_fp32(x: Tensor, ln: nn.Module) -> Tensor:

@@ -88,12 +88,48 @@ def build_tiny_llava(spec: TinyLlavaSpec | str = "tiny", *, seed: int = 0, dtype
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_llava(path: str, *, dtype: torch.dtype = torch.bfloat16, attn_implementation: str = "sdpa", device="cpu"):
-    """A real LLaVA checkpoint (e.g. llava-hf/llava-1.5-7b-hf) from a local folder."""
+def check_checkpoint(path) -> str:
+    """``path`` as a str when it is a local model folder with a config.json; FileNotFoundError
+    otherwise (transformers would take a missing folder for a hub repo id and say so)."""
+    import os
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such folder (a local checkpoint folder is expected; "
+                                "nothing is downloaded)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
+    return path
+
+
+def load_llava(path: str, *, dtype: torch.dtype | None = None, attn_implementation: str = "sdpa", device="cpu"):
+    """A real LLaVA checkpoint (e.g. llava-hf/llava-1.5-7b-hf) from a local folder. dtype None:
+    float32 on a CPU, bfloat16 on a GPU (see :func:`epic_ext.inference.default_dtype`)."""
     from transformers import LlavaForConditionalGeneration
+
+    from ..inference import default_dtype
+    path = check_checkpoint(path)
+    if dtype is None:
+        dtype = default_dtype(device, checkpoint=True)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                           local_files_only=True)
     return model.to(device).eval()
+
+
+def load_processor(path: str):
+    """The processor (image processor + tokenizer) saved with a local checkpoint, left padding."""
+    from transformers import AutoProcessor
+    path = check_checkpoint(path)
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(f"{path}: cannot load the processor saved with the model (image processor + "
+                      f"tokenizer): {first}") from e
+    tok = getattr(processor, "tokenizer", None)
+    if tok is None or not hasattr(processor, "image_processor"):
+        raise OSError(f"{path}: the saved processor has no tokenizer and image processor")
+    tok.padding_side = "left"
+    return processor
 
 
 def random_prompts(model, batch: int, *, text_before=5, text_after=12, pad_to: int | None = None, seed: int = 0,
@@ -146,7 +182,9 @@ class TinyProcessor:
     def encode_text(self, text: str) -> list[int]:
         return [3 + (ord(c) - self.first_char) % (self.vocab_size - 4) for c in text]
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Printable characters up to the first EOS (special ids are never printed, so
+        ``skip_special_tokens`` is accepted for tokenizer compatibility and has no effect)."""
         out = []
         for i in (ids.tolist() if hasattr(ids, "tolist") else ids):
             if i == 2:
