@@ -134,6 +134,27 @@ def test_iqr_select_whisker_and_strides(pooled):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("kind", KINDS + ["all_nan"])
+def test_iqr_pooled_many_programs(monkeypatch, kind):
+    """The pooled fence with many programs per pass, each over several chunks and the last one
+    partial (tiny chunks: M = 185 scores over 4 programs of 3 chunks of 16); strided scores."""
+    sel = importlib.import_module("epic_ext.triton.select")
+    monkeypatch.setattr(sel, "_POOL_CHUNK", 16)
+    monkeypatch.setattr(sel, "_POOL_PROGRAMS", 5)
+    s = make_scores(5, 37, "special" if kind == "all_nan" else kind, seed=11)
+    if kind == "all_nan":
+        s[:] = float("nan")
+    elif kind == "random":
+        s[:, ::4] *= 6
+    view = s.t().contiguous().t()
+    for whisker, max_k in ((1.5, -1), (0.0, 3)):
+        got = tb.iqr_select(view, whisker, True, max_k)
+        want = ref.iqr_select(s, whisker, True, max_k)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (whisker, got[0])
+    if kind == "random":
+        assert want[0].sum() > 0  # the fence has outliers to find
+
+
 # --------------------------------------------------------------------------------------------
 # gather + merge, forward and backward
 # --------------------------------------------------------------------------------------------

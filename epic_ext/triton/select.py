@@ -16,10 +16,13 @@ indices come out ascending. No sort, no host sync.
 IQR: the two needed order statistics are found by the same bitwise search (both searches share
 each pass: two 16-bit counts packed in one int32 sum). The interpolation neighbour at ceil(rank) is
 min{key > lo} unless lo repeats. Quantile arithmetic is fp32, one rounding per operation
-(launched with enable_fp_fusion=False so no FMA changes the fence). Pooled IQR runs one program
-over the B*N scores: a radix select with 8-bit digits (4 histogram passes, both quartiles at
-once), one pass for the neighbours, one for the outlier count; it writes counts[B] on the device
-and the per-row kernel reads them.
+(launched with enable_fp_fusion=False so no FMA changes the fence). Pooled IQR: a radix select
+with 8-bit digits over the B*N scores (4 histogram passes, both quartiles at once), one pass for
+the interpolation neighbours, one for the outlier count; six launches of a grid of programs, each
+over a contiguous span of scores, combined through int32 atomics in a small device scratch
+(integer sums, mins: the same result in any order). Every program recomputes the quartiles'
+prefixes from the histograms so far (a few 256-wide scans). The per-row kernel then reads the
+outlier count and keeps floor(count / B) per image.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_N = 8192  # a row lives in one program's registers up to this size
-_POOL_CHUNK = 1024 if INTERPRET else 4096
+_POOL_CHUNK = 1024 if INTERPRET else 2048  # scores per step of a pooled-IQR program
+_POOL_PROGRAMS = 528  # at most this many programs per pooled pass (4 per SM on a 132-SM H100)
 
 
 def next_pow2(n: int) -> int:
@@ -180,11 +184,12 @@ def _row_outliers(x, key, valid, whisker):
 @triton.autotune(configs=_row_configs(), key=["BLOCK_N", "MODE"],
                  prune_configs_by={"early_config_prune": _prune_row_configs})
 @triton.jit
-def _select_rows_kernel(s_ptr, counts_ptr, out_ptr, slot_ptr, N, k, cap, whisker, s_sb, s_sn,
-                        out_sb, MODE: tl.constexpr, WRITE_SLOT: tl.constexpr,
+def _select_rows_kernel(s_ptr, counts_ptr, out_ptr, slot_ptr, pool_ptr, N, k, cap, whisker, s_sb,
+                        s_sn, out_sb, MODE: tl.constexpr, WRITE_SLOT: tl.constexpr,
                         BLOCK_N: tl.constexpr):
     """One program per row. MODE 0: keep k (out [B, k]); 1: keep the row's IQR outlier count
-    (written to counts, out [B, N] padded with -1); 2: keep counts[b] read from the device.
+    (written to counts, out [B, N] padded with -1); 2: pooled, keep floor(outliers / B) with the
+    outliers counted by _pooled_pass_kernel at pool_ptr (written to counts, padded likewise).
     WRITE_SLOT: also slot[b, n] = output position of row n, -1 if not kept (the fused compress
     streams the tokens with it)."""
     b = tl.program_id(0).to(tl.int64)
@@ -198,7 +203,8 @@ def _select_rows_kernel(s_ptr, counts_ptr, out_ptr, slot_ptr, N, k, cap, whisker
         count = tl.minimum(_row_outliers(x, key, valid, whisker), cap)
         tl.store(counts_ptr + b, count.to(tl.int64))
     else:
-        count = tl.load(counts_ptr + b).to(tl.int32)
+        count = tl.minimum(tl.load(pool_ptr) // tl.num_programs(0), cap)
+        tl.store(counts_ptr + b, count.to(tl.int64))
     t, need = top_threshold(key, valid, count)
     tie = valid & (key == t)
     sel = (valid & (key > t)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
@@ -231,75 +237,117 @@ def _pooled_load(s_ptr, i, m, N, s_sb, s_sn, CONTIG: tl.constexpr):
     return x, score_keys(x)
 
 
+# Pooled IQR scratch (int32): the digit histograms of the radix passes, then the counters that
+# the programs of one pass combine with integer atomics (order-independent: deterministic).
+_H0 = 0  # pass 0: top digit of every key
+_H = 256  # pass r = 1..3: [_H + 512 (r - 1), + 256) for Q1's candidates, the next 256 for Q3's
+_NNAN = _H + 3 * 512  # NaN count (pass 0)
+_C1, _C3, _M1, _M3 = _NNAN + 1, _NNAN + 2, _NNAN + 3, _NNAN + 4  # neighbours (pass 4)
+_TOTAL = _NNAN + 5  # outliers (pass 5)
+_POOL_WORDS = _NNAN + 6
+
+
 @triton.jit
-def _pooled_counts_kernel(s_ptr, counts_ptr, B, N, cap, whisker, s_sb, s_sn,
-                          CONTIG: tl.constexpr, CHUNK: tl.constexpr):
-    """One program: fence over all B*N scores, counts[:] = min(floor(outliers / B), cap)."""
-    M = B * N
-    offs = tl.arange(0, CHUNK)
-    # Pass 1: NaN count and the histogram of the top 8 bits of the offset-binary key (NaN -> 0).
-    hist = tl.zeros([256], dtype=tl.int32)
-    n_nan = 0
-    for i0 in range(0, M, CHUNK):
-        i = i0 + offs
-        m = i < M
-        x, key = _pooled_load(s_ptr, i, m, N, s_sb, s_sn, CONTIG)
-        n_nan += tl.sum((m & (x != x)).to(tl.int32), axis=0)
-        hist += tl.histogram(((key >> 24) & 0xFF) ^ 0x80, 256, mask=m)
-    n = M - n_nan
-    b1, w1 = _quantile_rank(0.25, n)
-    b3, w3 = _quantile_rank(0.75, n)
+def _pooled_prefix(work_ptr, n_nan, b1, b3, DIGITS: tl.constexpr):
+    """The first DIGITS 8-bit digits of the two quartiles' lower order statistics, from the
+    histograms of the earlier passes: (p1, t1, p3, t3), prefixes as signed keys and the ranks
+    left within them. Every program recomputes this (a few 256-wide scans)."""
+    bins = tl.arange(0, 256)
+    hist = tl.load(work_ptr + _H0 + bins)
     # 0-based rank among all keys ascending: NaN keys are the n_nan smallest.
     d1, t1 = _digit(hist, n_nan + b1)
     d3, t3 = _digit(hist, n_nan + b3)
     p1 = (d1 ^ 0x80) << 24  # prefixes kept as signed keys (top digit flipped back)
     p3 = (d3 ^ 0x80) << 24
-    # Passes 2-4: the next 8 bits among the keys that share the prefix found so far.
-    for r in tl.static_range(3):
-        SHIFT = 16 - 8 * r
-        h1 = tl.zeros([256], dtype=tl.int32)
-        h3 = tl.zeros([256], dtype=tl.int32)
-        for i0 in range(0, M, CHUNK):
-            i = i0 + offs
-            m = i < M
-            x, key = _pooled_load(s_ptr, i, m, N, s_sb, s_sn, CONTIG)
-            digit = (key >> SHIFT) & 0xFF
-            hi = key >> (SHIFT + 8)
-            h1 += tl.histogram(digit, 256, mask=m & (hi == (p1 >> (SHIFT + 8))))
-            h3 += tl.histogram(digit, 256, mask=m & (hi == (p3 >> (SHIFT + 8))))
-        d1, t1 = _digit(h1, t1)
-        d3, t3 = _digit(h3, t3)
+    for r in tl.static_range(1, DIGITS):
+        SHIFT: tl.constexpr = 24 - 8 * r
+        d1, t1 = _digit(tl.load(work_ptr + _H + 512 * (r - 1) + bins), t1)
+        d3, t3 = _digit(tl.load(work_ptr + _H + 512 * (r - 1) + 256 + bins), t3)
         p1 = p1 | (d1 << SHIFT)
         p3 = p3 | (d3 << SHIFT)
-    # Pass 5: interpolation neighbours (next key above each quartile's lower order statistic).
-    c1 = 0
-    c3 = 0
-    m1 = 2147483647
-    m3 = 2147483647
-    for i0 in range(0, M, CHUNK):
-        i = i0 + offs
-        m = i < M
-        x, key = _pooled_load(s_ptr, i, m, N, s_sb, s_sn, CONTIG)
-        a1 = m & (key > p1)
-        a3 = m & (key > p3)
-        c1 += tl.sum(a1.to(tl.int32), axis=0)
-        c3 += tl.sum(a3.to(tl.int32), axis=0)
-        m1 = tl.minimum(m1, tl.min(tl.where(a1, key, 2147483647), axis=0))
-        m3 = tl.minimum(m3, tl.min(tl.where(a3, key, 2147483647), axis=0))
-    hi1 = tl.where(c1 >= n - b1 - 1, m1, p1)
-    hi3 = tl.where(c3 >= n - b3 - 1, m3, p3)
-    fence = _fence(p1, hi1, w1, p3, hi3, w3, whisker)
-    # Pass 6: outliers.
-    total = 0
-    for i0 in range(0, M, CHUNK):
-        i = i0 + offs
-        m = i < M
-        x, key = _pooled_load(s_ptr, i, m, N, s_sb, s_sn, CONTIG)
-        total += tl.sum((m & (x > fence)).to(tl.int32), axis=0)
-    keep = tl.minimum(tl.where(n > 0, total, 0) // B, cap).to(tl.int64)
-    for j0 in range(0, B, CHUNK):
-        j = j0 + offs
-        tl.store(counts_ptr + j, tl.zeros([CHUNK], dtype=tl.int64) + keep, mask=j < B)
+    return p1, t1, p3, t3
+
+
+@triton.jit
+def _pooled_pass_kernel(s_ptr, work_ptr, B, N, whisker, s_sb, s_sn, SPAN,
+                        PASS: tl.constexpr, CONTIG: tl.constexpr, CHUNK: tl.constexpr):
+    """One pass of the pooled IQR over all M = B * N scores, program p on [p SPAN, (p+1) SPAN).
+    PASS 0: NaN count and histogram of the top digit; 1-3: histograms of the next digit among the
+    keys sharing each quartile's prefix; 4: interpolation neighbours (count and min of the keys
+    above each quartile's lower order statistic); 5: outliers above the fence."""
+    M = B * N
+    bins = tl.arange(0, 256)
+    offs = tl.arange(0, CHUNK)
+    start = tl.program_id(0) * SPAN
+    end = tl.minimum(start + SPAN, M)
+    if PASS == 0:
+        if tl.program_id(0) == 0:
+            tl.store(work_ptr + _M1, 2147483647)
+            tl.store(work_ptr + _M3, 2147483647)
+        hist = tl.zeros([256], dtype=tl.int32)
+        n_nan_part = 0
+        for i0 in range(start, end, CHUNK):
+            i = i0 + offs
+            m = i < end
+            x, key = _pooled_load(s_ptr, i, m, N, s_sb, s_sn, CONTIG)
+            n_nan_part += tl.sum((m & (x != x)).to(tl.int32), axis=0)
+            hist += tl.histogram(((key >> 24) & 0xFF) ^ 0x80, 256, mask=m)
+        tl.atomic_add(work_ptr + _H0 + bins, hist)
+        tl.atomic_add(work_ptr + _NNAN, n_nan_part)
+    else:
+        n_nan = tl.load(work_ptr + _NNAN)
+        n = M - n_nan
+        b1, w1 = _quantile_rank(0.25, n)
+        b3, w3 = _quantile_rank(0.75, n)
+        if PASS <= 3:
+            p1, t1, p3, t3 = _pooled_prefix(work_ptr, n_nan, b1, b3, PASS)
+            SHIFT: tl.constexpr = 24 - 8 * PASS
+            h1 = tl.zeros([256], dtype=tl.int32)
+            h3 = tl.zeros([256], dtype=tl.int32)
+            for i0 in range(start, end, CHUNK):
+                i = i0 + offs
+                m = i < end
+                x, key = _pooled_load(s_ptr, i, m, N, s_sb, s_sn, CONTIG)
+                digit = (key >> SHIFT) & 0xFF
+                hi = key >> (SHIFT + 8)
+                h1 += tl.histogram(digit, 256, mask=m & (hi == (p1 >> (SHIFT + 8))))
+                h3 += tl.histogram(digit, 256, mask=m & (hi == (p3 >> (SHIFT + 8))))
+            tl.atomic_add(work_ptr + _H + 512 * (PASS - 1) + bins, h1)
+            tl.atomic_add(work_ptr + _H + 512 * (PASS - 1) + 256 + bins, h3)
+        else:
+            p1, t1, p3, t3 = _pooled_prefix(work_ptr, n_nan, b1, b3, 4)
+            if PASS == 4:
+                c1 = 0
+                c3 = 0
+                m1 = 2147483647
+                m3 = 2147483647
+                for i0 in range(start, end, CHUNK):
+                    i = i0 + offs
+                    m = i < end
+                    x, key = _pooled_load(s_ptr, i, m, N, s_sb, s_sn, CONTIG)
+                    a1 = m & (key > p1)
+                    a3 = m & (key > p3)
+                    c1 += tl.sum(a1.to(tl.int32), axis=0)
+                    c3 += tl.sum(a3.to(tl.int32), axis=0)
+                    m1 = tl.minimum(m1, tl.min(tl.where(a1, key, 2147483647), axis=0))
+                    m3 = tl.minimum(m3, tl.min(tl.where(a3, key, 2147483647), axis=0))
+                tl.atomic_add(work_ptr + _C1, c1)
+                tl.atomic_add(work_ptr + _C3, c3)
+                tl.atomic_min(work_ptr + _M1, m1)
+                tl.atomic_min(work_ptr + _M3, m3)
+            else:
+                c1 = tl.load(work_ptr + _C1)
+                c3 = tl.load(work_ptr + _C3)
+                hi1 = tl.where(c1 >= n - b1 - 1, tl.load(work_ptr + _M1), p1)
+                hi3 = tl.where(c3 >= n - b3 - 1, tl.load(work_ptr + _M3), p3)
+                fence = _fence(p1, hi1, w1, p3, hi3, w3, whisker)
+                total = 0
+                for i0 in range(start, end, CHUNK):
+                    i = i0 + offs
+                    m = i < end
+                    x, key = _pooled_load(s_ptr, i, m, N, s_sb, s_sn, CONTIG)
+                    total += tl.sum((m & (x > fence)).to(tl.int32), axis=0)
+                tl.atomic_add(work_ptr + _TOTAL, total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,9 +392,27 @@ def select_rows_into(scores: torch.Tensor, k: int, idx: torch.Tensor,
     """Top-k of each row (N <= MAX_N, checked arguments) into idx [B, k] and, when given,
     slot [B, N] int32 (kept row -> its position in idx, others -1)."""
     B, N = scores.shape
-    _select_rows_kernel[(B,)](scores, idx, idx, slot if slot is not None else idx, N, k, N, 0.0,
-                              scores.stride(0), scores.stride(1), k, MODE=0,
+    _select_rows_kernel[(B,)](scores, idx, idx, slot if slot is not None else idx, idx, N, k, N,
+                              0.0, scores.stride(0), scores.stride(1), k, MODE=0,
                               WRITE_SLOT=slot is not None, BLOCK_N=next_pow2(N))
+
+
+def _pooled_outliers(scores: torch.Tensor, whisker: float) -> torch.Tensor:
+    """The pooled fence's outlier count over all B * N scores, at work[_TOTAL] on the device
+    (int32 scratch, see _pooled_pass_kernel): six passes of a grid of programs."""
+    B, N = scores.shape
+    sb, sn = scores.stride(0), scores.stride(1)
+    work = torch.zeros(_POOL_WORDS, dtype=torch.int32, device=scores.device)
+    M = B * N
+    chunk = _POOL_CHUNK
+    # Contiguous spans of whole chunks, at most _POOL_PROGRAMS programs (about four per SM).
+    span = chunk * triton.cdiv(triton.cdiv(M, chunk), _POOL_PROGRAMS)
+    grid = (triton.cdiv(M, span),)
+    for pass_ in range(6):
+        _pooled_pass_kernel[grid](scores, work, B, N, whisker, sb, sn, span, PASS=pass_,
+                                  CONTIG=sn == 1 and sb == N, CHUNK=chunk,
+                                  num_warps=1 if INTERPRET else 8, enable_fp_fusion=False)
+    return work
 
 
 @on_tensor_device
@@ -369,12 +435,8 @@ def iqr_select(scores: torch.Tensor, whisker: float = 1.5, pooled: bool = False,
     whisker = float(whisker)
     sb, sn = scores.stride(0), scores.stride(1)
     block = next_pow2(N)
-    if pooled:
-        contig = sn == 1 and sb == N
-        _pooled_counts_kernel[(1,)](scores, counts, B, N, cap, whisker, sb, sn, CONTIG=contig,
-                                    CHUNK=_POOL_CHUNK, num_warps=1 if INTERPRET else 16,
-                                    enable_fp_fusion=False)
-    _select_rows_kernel[(B,)](scores, counts, indices, indices, N, 0, cap, whisker, sb, sn, N,
-                              MODE=2 if pooled else 1, WRITE_SLOT=False, BLOCK_N=block,
+    total = _pooled_outliers(scores, whisker)[_TOTAL:] if pooled else indices  # else unread
+    _select_rows_kernel[(B,)](scores, counts, indices, indices, total, N, 0, cap, whisker, sb, sn,
+                              N, MODE=2 if pooled else 1, WRITE_SLOT=False, BLOCK_N=block,
                               enable_fp_fusion=False)
     return counts, indices
