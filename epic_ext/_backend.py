@@ -28,8 +28,34 @@ NAMES = ("cpu", "cuda", "triton", "reference")
 # Reference functions of the kernel contracts whose names differ from the op's.
 _REFERENCE_ENTRY = {"kl_div": "kl_div_fwd", "attn_scores": "attn_scores_fwd"}
 
-_state = threading.local()
+
+
+class _ThreadState(threading.local):
+    # A class default, so that reading it never raises and catches an AttributeError inside
+    # (getattr with a default on a missing attribute costs about a microsecond).
+    forced: str | None = None
+
+
+_state = _ThreadState()
 _cache: dict[str, tuple[ModuleType | None, str]] = {}
+# (device type, forced name or None) -> (backend name, module): what `resolve` chose, so that a
+# call pays two dict lookups instead of the search (a small kernel costs about a microsecond).
+_resolved: dict[tuple[str, str | None], tuple[str, ModuleType]] = {}
+
+# os.environ.get costs about a microsecond when the variable is unset (a KeyError raised and
+# caught inside). CPython's os.environ keeps its values in a plain dict, `_data`, updated on every
+# assignment: reading it keeps EPIC_EXT_BACKEND live at a tenth of the cost.
+_ENV_KEY = "EPIC_EXT_BACKEND"
+_ENV_KEY_ENCODED = getattr(os.environ, "encodekey", lambda key: key)(_ENV_KEY)
+
+
+def _env_backend() -> str | None:
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if data is None:  # os.environ replaced by a plain mapping
+        return env.get(_ENV_KEY) or None
+    value = data.get(_ENV_KEY_ENCODED)
+    return None if value is None else env.decodevalue(value) or None
 
 
 def _load(name: str) -> tuple[ModuleType | None, str]:
@@ -93,7 +119,7 @@ def _forced_name() -> str | None:
 
 
 def forced() -> str | None:
-    name = getattr(_state, "forced", None) or os.environ.get("EPIC_EXT_BACKEND") or None
+    name = _state.forced or _env_backend()
     if name is not None and name not in NAMES:
         raise ValueError(f"EPIC_EXT_BACKEND / backend must be one of {NAMES}, got {name!r}")
     return name
@@ -101,7 +127,7 @@ def forced() -> str | None:
 
 @contextlib.contextmanager
 def _forcing(name: str | None):
-    previous = getattr(_state, "forced", None)
+    previous = _state.forced
     _state.forced = name
     try:
         yield
@@ -135,8 +161,13 @@ def resolve(device: torch.device) -> str:
 
 def kernel(op: str, device: torch.device):
     """The function implementing `op` for tensors on `device`, and the backend's name."""
-    name = resolve(device)
-    module = _load(name)[0]
+    key = (device.type, _state.forced or _env_backend())
+    hit = _resolved.get(key)
+    if hit is None:
+        name = resolve(device)  # raises for a bad or impossible choice (never cached)
+        # Triton runs CPU tensors only under its interpreter, decided when it is imported.
+        hit = _resolved[key] = (name, _load(name)[0])
+    name, module = hit
     ref_op = _REFERENCE_ENTRY.get(op, op)  # the reference's user-level spec has another contract
     fn = getattr(module, ref_op if name == "reference" else op, None)
     if fn is None:  # a backend that lacks this op (e.g. a kernel not yet written for it)

@@ -55,19 +55,20 @@ def _(scores, whisker, pooled, max_k):
 
 
 def _check_index_range(idx: Tensor, counts: Optional[Tensor], n: int) -> None:
-    """Range check of user-given indices for backends that cannot raise from inside the kernel
-    (one device-to-host read on a GPU; the C++ CPU kernel checks while it reads)."""
-    if idx.numel() == 0:
-        return
+    """Range check of user-given indices for backends that do not raise from inside the kernel
+    (one device-to-host read on a GPU, hence only with check=True there; free on a CPU). Only
+    the valid entries idx[b, :counts[b]] are checked: later ones are padding."""
+    K = idx.shape[1]
     if counts is not None:
-        valid = torch.arange(idx.shape[1], device=idx.device) < counts.view(-1, 1)
-        idx = torch.where(valid, idx, torch.zeros_like(idx))
-        bad_counts = ((counts < 0) | (counts > idx.shape[1])).any()
+        bad_counts = (counts < 0) | (counts > K)
+        valid = torch.arange(K, device=idx.device) < counts.view(-1, 1)
     else:
         bad_counts = torch.zeros((), dtype=torch.bool, device=idx.device)
-    bad = torch.stack([((idx < 0) | (idx >= n)).any(), bad_counts]).tolist()
+        valid = torch.ones((), dtype=torch.bool, device=idx.device)
+    bad_idx = valid & ((idx < 0) | (idx >= n))
+    bad = torch.stack([bad_idx.any(), bad_counts.any()]).tolist()
     if bad[1]:
-        raise ValueError(f"counts must lie in [0, K] = [0, {idx.shape[1]}]")
+        raise ValueError(f"counts must lie in [0, K] = [0, {K}]")
     if bad[0]:
         raise ValueError(f"idx holds values out of range for N = {n}")
 
@@ -75,7 +76,7 @@ def _check_index_range(idx: Tensor, counts: Optional[Tensor], n: int) -> None:
 def _gather_merge_impl(tokens: Tensor, idx: Tensor, counts: Optional[Tensor], merge: int,
                        weights: Optional[Tensor], check_index: bool) -> Tensor:
     fn, name = _backend.kernel("gather_merge", tokens.device)
-    if check_index and name != "cpu":
+    if check_index and name != "cpu":  # the C++ CPU kernel raises while it reads idx
         _check_index_range(idx, counts, tokens.shape[1])
     return fn(tokens, idx, counts, merge, weights)
 
@@ -94,13 +95,17 @@ def _(tokens, idx, counts, merge, weights, check_index):
 
 @torch.library.custom_op("epic_ext::gather_merge_backward", mutates_args=())
 def _gather_merge_backward(grad_out: Tensor, idx: Tensor, counts: Optional[Tensor], merge: int,
-                           weights: Optional[Tensor], n_tokens: int) -> Tensor:
-    fn, _ = _backend.kernel("gather_merge_backward", grad_out.device)
+                           weights: Optional[Tensor], n_tokens: int,
+                           backend: Optional[str] = None) -> Tensor:
+    # `backend`: the one the forward ran on, passed as an argument, since a forcing by `backend=`
+    # or `use_backend` is per thread and autograd may run the backward on another thread.
+    with _backend.use_backend(backend):
+        fn, _ = _backend.kernel("gather_merge_backward", grad_out.device)
     return fn(grad_out.contiguous(), idx, counts, merge, weights, n_tokens)
 
 
 @_gather_merge_backward.register_fake
-def _(grad_out, idx, counts, merge, weights, n_tokens):
+def _(grad_out, idx, counts, merge, weights, n_tokens, backend=None):
     B, _, D = grad_out.shape
     return grad_out.new_empty((B, n_tokens, D))
 
@@ -143,6 +148,8 @@ def _weights_grad(grad_out, tokens, idx, counts, merge, weights):
 def _setup_gather(ctx, inputs, output):
     tokens, idx, counts, merge, weights = inputs[:5]
     ctx.merge, ctx.n_tokens = merge, tokens.shape[1]
+    # setup_context runs right after the forward, on its thread and under its forcing.
+    ctx.backend = _backend.resolve(tokens.device)
     need_w = weights is not None and merge == MERGE_WEIGHTED and ctx.needs_input_grad[4]
     ctx.save_for_backward(idx, counts, weights, tokens if need_w else None)
 
@@ -151,7 +158,8 @@ def _gather_backward(ctx, grad_out, *unused):
     idx, counts, weights, tokens = ctx.saved_tensors
     grad_tokens = None
     if ctx.needs_input_grad[0]:
-        grad_tokens = _gather_merge_backward(grad_out, idx, counts, ctx.merge, weights, ctx.n_tokens)
+        grad_tokens = _gather_merge_backward(grad_out, idx, counts, ctx.merge, weights, ctx.n_tokens,
+                                             ctx.backend)
     grad_w = None
     if tokens is not None:
         grad_w = _weights_grad(grad_out, tokens, idx, counts, ctx.merge, weights)
@@ -318,13 +326,21 @@ def iqr_select(scores: Tensor, whisker: float = 1.5, *, pooled: bool = False, ma
 
 
 def gather_merge(tokens: Tensor, idx: Tensor, merge: str = "mean", weights: Tensor | None = None, *,
-                 counts: Tensor | None = None, backend: str | None = None) -> Tensor:
+                 counts: Tensor | None = None, check: bool | None = None,
+                 backend: str | None = None) -> Tensor:
     """Kept rows tokens[b, idx[b, j]] plus one merged row of the rows idx does not reference.
 
-    merge="mean": their mean (zeros if none); "weighted": sum of weights[b, n] * tokens[b, n]
-    (unnormalised, PruMerge); "none": no extra row. With counts [B], only idx[b, :counts[b]] is
-    valid, the merged row sits at position counts[b] and later rows are zero. Each input row is
-    read once; differentiable w.r.t. tokens (and weights)."""
+    merge="mean": their mean (zeros if none, N = 0 included); "weighted": sum of
+    weights[b, n] * tokens[b, n] (unnormalised, PruMerge); "none": no extra row. With counts [B],
+    only idx[b, :counts[b]] is valid (later entries are ignored padding, e.g. -1), the merged row
+    sits at position counts[b] and later rows are zero. Each input row is read once;
+    differentiable w.r.t. tokens (and weights).
+
+    check: range check of idx / counts (ValueError naming them). None (default): on CPU tensors
+    only, where it costs no host sync; True: on every device (one host read on a GPU); False:
+    none in Python (the C++ CPU kernel still raises). Unchecked bad input never reads out of
+    bounds: an image with a valid entry outside [0, N) or counts[b] outside [0, K] gets NaN in
+    every output row and NaN gradients for its tokens."""
     _check_tensor(tokens, "tokens", 3)
     _check_tensor(idx, "idx", 2, floating=False)
     if idx.dtype != torch.int64:
@@ -340,8 +356,11 @@ def gather_merge(tokens: Tensor, idx: Tensor, merge: str = "mean", weights: Tens
         _check_same_device(tokens, counts, "counts")
     code = _merge_code(merge, weights)
     _check_weights(weights, tokens)
-    return _run(backend, _gather_merge, _gather_merge_impl, tokens, idx, counts, code, weights, True,
-                differentiable=(tokens, weights))
+    if check is not None and not isinstance(check, bool):
+        raise TypeError(f"check must be a bool or None, got {type(check).__name__}")
+    check_index = tokens.device.type == "cpu" if check is None else check
+    return _run(backend, _gather_merge, _gather_merge_impl, tokens, idx, counts, code, weights,
+                check_index, differentiable=(tokens, weights))
 
 
 def compress(tokens: Tensor, scores: Tensor, k, merge: str = "mean", *, weights: Tensor | None = None,

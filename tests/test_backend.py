@@ -59,3 +59,122 @@ def test_each_backend_gives_the_same_answer():
         got = epic_ext.compress(tokens, scores, 9, backend=name)
         assert torch.equal(got.indices, want.indices), name
         torch.testing.assert_close(got.tokens, want.tokens, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward runs on the backend the forward ran on (forcing is per thread; autograd may run
+# the backward on its own thread, as it does for CUDA tensors).
+
+def _count_reference_backward(monkeypatch):
+    from epic_ext import reference
+    calls = []
+    real = reference.gather_merge_backward
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(reference, "gather_merge_backward", counting)
+    return calls
+
+
+def _differentiable_calls(backend=None):
+    """(name, loss) for each differentiable compress-family call, forced by `backend=` or not."""
+    gen = torch.Generator().manual_seed(21)
+    tokens = torch.randn(2, 13, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2, 13, generator=gen, dtype=torch.float64, requires_grad=True)
+    scores = torch.randn(2, 13, generator=gen)
+    idx = torch.tensor([[0, 4, 7], [2, 3, 12]])
+    counts = torch.tensor([3, 1])
+    return [
+        ("compress", epic_ext.compress(tokens, scores, 4, backend=backend).tokens),
+        ("compress iqr", epic_ext.compress(tokens, scores, "iqr", backend=backend).tokens),
+        ("compress weighted", epic_ext.compress(tokens, scores, 4, "weighted", weights=weights,
+                                                backend=backend).tokens),
+        ("gather_merge", epic_ext.gather_merge(tokens, idx, counts=counts, backend=backend)),
+    ]
+
+
+def _backward_all(outputs):
+    for _, out in outputs:
+        (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+
+
+def test_backward_runs_on_the_backend_forced_by_argument(monkeypatch):
+    calls = _count_reference_backward(monkeypatch)
+    outputs = _differentiable_calls(backend="reference")
+    _backward_all(outputs)
+    assert len(calls) == len(outputs)
+
+
+def test_backward_runs_on_the_backend_forced_by_use_backend(monkeypatch):
+    calls = _count_reference_backward(monkeypatch)
+    with epic_ext.use_backend("reference"):
+        outputs = _differentiable_calls()
+    _backward_all(outputs)  # outside the forcing
+    assert len(calls) == len(outputs)
+
+
+def test_backward_runs_on_the_backend_forced_by_environment(monkeypatch):
+    calls = _count_reference_backward(monkeypatch)
+    monkeypatch.setenv("EPIC_EXT_BACKEND", "reference")
+    outputs = _differentiable_calls()
+    monkeypatch.delenv("EPIC_EXT_BACKEND")
+    _backward_all(outputs)
+    assert len(calls) == len(outputs)
+
+
+def test_backward_on_another_thread_than_the_forcing(monkeypatch):
+    import threading
+    calls = _count_reference_backward(monkeypatch)
+    # Forward forced in the main thread, backward on a thread that knows nothing of it.
+    with epic_ext.use_backend("reference"):
+        outputs = _differentiable_calls()
+    worker = threading.Thread(target=_backward_all, args=(outputs,))
+    worker.start()
+    worker.join()
+    assert len(calls) == len(outputs)
+    # Forward forced on a worker thread, backward in the main thread.
+    calls.clear()
+    made = []
+    worker = threading.Thread(target=lambda: made.extend(_differentiable_calls("reference")))
+    worker.start()
+    worker.join()
+    _backward_all(made)
+    assert len(calls) == len(made)
+
+
+def test_unforced_backward_ignores_a_later_forcing(monkeypatch):
+    """The backward follows the forward's backend, not a forcing around `.backward()`."""
+    if not epic_ext.backends()["cpu"]["available"]:
+        pytest.skip("needs a second CPU backend")
+    calls = _count_reference_backward(monkeypatch)
+    outputs = _differentiable_calls()
+    with epic_ext.use_backend("reference"):
+        _backward_all(outputs)
+    assert calls == []
+
+
+def test_kl_backward_calls_no_kernel(monkeypatch):
+    """kl_div and fused_linear_kl compute the gradient in the forward (on the forced backend);
+    their backward only scales it, so no backend choice happens after the forward."""
+    gen = torch.Generator().manual_seed(22)
+    student = torch.randn(3, 11, generator=gen, requires_grad=True)
+    teacher = torch.randn(3, 11, generator=gen)
+    hidden = torch.randn(3, 6, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 6, generator=gen, requires_grad=True)
+    calls = []
+    real = _backend.kernel
+
+    def spy(op, device):
+        fn, name = real(op, device)
+        calls.append((op, name))
+        return fn, name
+
+    monkeypatch.setattr(_backend, "kernel", spy)
+    loss = epic_ext.kl_div(student, teacher, backend="reference") + \
+        epic_ext.fused_linear_kl(hidden, hidden.detach() + 0.1, weight, backend="reference")
+    assert calls and all(name == "reference" for _, name in calls)
+    calls.clear()
+    loss.backward()
+    assert calls == []
