@@ -239,12 +239,13 @@ def _pooled_load(s_ptr, i, m, N, s_sb, s_sn, CONTIG: tl.constexpr):
 
 # Pooled IQR scratch (int32): the digit histograms of the radix passes, then the counters that
 # the programs of one pass combine with integer atomics (order-independent: deterministic).
-_H0 = 0  # pass 0: top digit of every key
-_H = 256  # pass r = 1..3: [_H + 512 (r - 1), + 256) for Q1's candidates, the next 256 for Q3's
-_NNAN = _H + 3 * 512  # NaN count (pass 0)
-_C1, _C3, _M1, _M3 = _NNAN + 1, _NNAN + 2, _NNAN + 3, _NNAN + 4  # neighbours (pass 4)
-_TOTAL = _NNAN + 5  # outliers (pass 5)
-_POOL_WORDS = _NNAN + 6
+# (tl.constexpr: the only globals a compiled kernel may read; .value on the host.)
+_H0 = tl.constexpr(0)  # pass 0: top digit of every key
+_H = tl.constexpr(256)  # pass r = 1..3: [_H + 512 (r - 1), + 256) for Q1's candidates, then Q3's
+_NNAN = tl.constexpr(256 + 3 * 512)  # NaN count (pass 0)
+_C1, _C3, _M1, _M3 = (tl.constexpr(_NNAN.value + i) for i in (1, 2, 3, 4))  # neighbours (pass 4)
+_TOTAL = tl.constexpr(_NNAN.value + 5)  # outliers (pass 5)
+_POOL_WORDS = _NNAN.value + 6
 
 
 @triton.jit
@@ -260,7 +261,7 @@ def _pooled_prefix(work_ptr, n_nan, b1, b3, DIGITS: tl.constexpr):
     p1 = (d1 ^ 0x80) << 24  # prefixes kept as signed keys (top digit flipped back)
     p3 = (d3 ^ 0x80) << 24
     for r in tl.static_range(1, DIGITS):
-        SHIFT: tl.constexpr = 24 - 8 * r
+        SHIFT = 24 - 8 * r
         d1, t1 = _digit(tl.load(work_ptr + _H + 512 * (r - 1) + bins), t1)
         d3, t3 = _digit(tl.load(work_ptr + _H + 512 * (r - 1) + 256 + bins), t3)
         p1 = p1 | (d1 << SHIFT)
@@ -301,7 +302,7 @@ def _pooled_pass_kernel(s_ptr, work_ptr, B, N, whisker, s_sb, s_sn, SPAN,
         b3, w3 = _quantile_rank(0.75, n)
         if PASS <= 3:
             p1, t1, p3, t3 = _pooled_prefix(work_ptr, n_nan, b1, b3, PASS)
-            SHIFT: tl.constexpr = 24 - 8 * PASS
+            SHIFT = 24 - 8 * PASS
             h1 = tl.zeros([256], dtype=tl.int32)
             h3 = tl.zeros([256], dtype=tl.int32)
             for i0 in range(start, end, CHUNK):
@@ -435,7 +436,7 @@ def iqr_select(scores: torch.Tensor, whisker: float = 1.5, pooled: bool = False,
     whisker = float(whisker)
     sb, sn = scores.stride(0), scores.stride(1)
     block = next_pow2(N)
-    total = _pooled_outliers(scores, whisker)[_TOTAL:] if pooled else indices  # else unread
+    total = _pooled_outliers(scores, whisker)[_TOTAL.value:] if pooled else indices  # else unread
     _select_rows_kernel[(B,)](scores, counts, indices, indices, total, N, 0, cap, whisker, sb, sn,
                               N, MODE=2 if pooled else 1, WRITE_SLOT=False, BLOCK_N=block,
                               enable_fp_fusion=False)
