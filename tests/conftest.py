@@ -102,3 +102,13 @@ def assert_close(actual, expected, dtype=None, msg=""):
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol,
                                equal_nan=True, msg=msg or None)
+
+
+def pytest_addoption(parser):
+    """Length of the differential fuzz test (tests/test_fuzz.py); env: EPIC_EXT_FUZZ_ITERS,
+    EPIC_EXT_FUZZ_SECONDS, EPIC_EXT_FUZZ_SEED."""
+    group = parser.getgroup("epic-ext fuzz")
+    group.addoption("--fuzz-iters", type=int, default=None, help="fuzz cases per op and backend")
+    group.addoption("--fuzz-seconds", type=float, default=None,
+                    help="draw fuzz cases for this many seconds per op and backend")
+    group.addoption("--fuzz-seed", type=int, default=None, help="base seed of the fuzz cases")
