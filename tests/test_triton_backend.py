@@ -256,6 +256,13 @@ def test_compress_topk_empty():
     assert out.shape == (0, 3, 4) and idx.shape == (0, 2)
     out, idx = tb.compress_topk(torch.randn(2, 5, 4), torch.randn(2, 5), 0, 0, None)
     assert out.shape == (2, 0, 4) and idx.shape == (2, 0)
+    # N = 0: the merged row of nothing is zeros; IQR keeps nothing (D2: every backend agrees).
+    for merge, w in ((1, None), (2, torch.rand(2, 0))):
+        out, idx = tb.compress_topk(torch.randn(2, 0, 4), torch.randn(2, 0), 0, merge, w)
+        assert torch.equal(out, torch.zeros(2, 1, 4)) and idx.shape == (2, 0)
+    for pooled in (False, True):
+        counts, idx = tb.iqr_select(torch.randn(3, 0), 1.5, pooled, -1)
+        assert torch.equal(counts, torch.zeros(3, dtype=torch.int64)) and idx.shape == (3, 0)
 
 
 def test_argument_errors():
