@@ -48,7 +48,10 @@ def on_tensor_device(entry):
     the current CUDA device (Triton launches on the current one). No-op for CPU tensors."""
     @functools.wraps(entry)
     def guarded(*args, **kwargs):
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        first = args[0] if args else None  # every entry's first argument is a tensor
+        if not isinstance(first, torch.Tensor):
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)),
+                         None)
         if first is None or not first.is_cuda:
             return entry(*args, **kwargs)
         with torch.cuda.device(first.device):
