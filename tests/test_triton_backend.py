@@ -250,6 +250,23 @@ def test_compress_topk(N, D, kind, merge):
         assert_close(out, want_out)
 
 
+@pytest.mark.parametrize("merge", [0, 1, 2])
+def test_compress_topk_beyond_register_rows(monkeypatch, merge):
+    """N > MAX_N (here lowered to 16): the reference selects, the slot map is scattered on the
+    device, the same streaming kernel gathers and merges."""
+    gm = importlib.import_module("epic_ext.triton.gather_merge")
+    monkeypatch.setattr(gm, "MAX_N", 16)
+    g = torch.Generator().manual_seed(merge)
+    tokens = torch.randn(3, 37, 9, generator=g)
+    scores = make_scores(3, 37, "special", seed=merge)
+    weights = torch.rand(3, 37, generator=g) if merge == 2 else None
+    for k in (0, 5, 37):
+        out, idx = tb.compress_topk(tokens, scores, k, merge, weights)
+        want_out, want_idx = ref.compress_topk(tokens, scores, k, merge, weights)
+        assert torch.equal(idx, want_idx), k
+        assert_close(out, want_out)
+
+
 def test_compress_topk_empty():
     tokens = torch.randn(0, 5, 4)
     out, idx = tb.compress_topk(tokens, torch.randn(0, 5), 2, 1, None)

@@ -17,9 +17,11 @@ or its share of the merged row's gradient. Rows that idx repeats (only user idx;
 counts occurrences with atomic_add and lists those rows) are instead summed over all their
 occurrences in fp32 and stored once, so the result is rounded once, as in the reference.
 
-Unlike the C++ entry points, nothing here reads device values on the host (no sync), so values
-are not validated: counts are clamped to [0, K], and an idx entry outside [0, N) references no
-row (its output row is zero). Shapes, dtypes and devices are checked as in C++.
+Unlike the C++ CPU entry points, nothing here reads device values on the host (no sync), so values
+are not validated by raising: every program checks its image (_bad_image: counts[b] outside
+[0, K], or a valid idx entry outside [0, N)) and such an image gets NaN in every output row
+(forward) or gradient row (backward), as in the reference; out-of-range entries are never
+dereferenced. Shapes, dtypes and devices are checked as in C++.
 
 compress_topk (two launches): select.py's row kernel selects each image's top-k once (one
 program per image) and writes idx and the row -> output slot map slot[B, N] (int32, -1 for
@@ -84,6 +86,21 @@ def _valid_count(counts_ptr, b, K, HAS_COUNTS: tl.constexpr):
 
 
 @triton.jit
+def _bad_image(idx_row, counts_ptr, b, N, K, valid, HAS_COUNTS: tl.constexpr, BLOCK: tl.constexpr):
+    """True when counts[b] is outside [0, K] or a valid entry idx[b, :valid] is outside [0, N)."""
+    if HAS_COUNTS:
+        c = tl.load(counts_ptr + b)
+        bad = ((c < 0) | (c > K)).to(tl.int32)
+    else:
+        bad = tl.full([], 0, tl.int32)
+    for j0 in range(0, valid, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        r = tl.load(idx_row + j, mask=j < valid, other=0)
+        bad = tl.maximum(bad, tl.max(((r < 0) | (r >= N)).to(tl.int32), axis=0))
+    return bad != 0
+
+
+@triton.jit
 def _plan_kernel(idx_ptr, counts_ptr, first_ptr, mult_ptr, ndrop_ptr, ndup_ptr, duprow_ptr, N, K,
                  idx_sb, HAS_COUNTS: tl.constexpr, WITH_DUPS: tl.constexpr, BLOCK: tl.constexpr):
     """Per image: first[b, n] (smallest valid j referencing n, else BIG), n_dropped[b] and, for
@@ -136,6 +153,7 @@ def _gather_merge_kernel(x_ptr, idx_ptr, counts_ptr, w_ptr, first_ptr, ndrop_ptr
     dm = (d < D)[None, :]
     col = d.to(tl.int64)[None, :] * x_sd
     valid = _valid_count(counts_ptr, b, K, HAS_COUNTS)
+    bad = _bad_image(idx_ptr + b * idx_sb, counts_ptr, b, N, K, valid, HAS_COUNTS, BLOCK_R)
     x_b = x_ptr + b * x_sb
     out_b = out_ptr + b * out_sb + d[None, :]
     rows = tl.arange(0, BLOCK_R)
@@ -149,6 +167,7 @@ def _gather_merge_kernel(x_ptr, idx_ptr, counts_ptr, w_ptr, first_ptr, ndrop_ptr
         r = tl.load(idx_ptr + b * idx_sb + j, mask=j < valid, other=-1)
         ok = (r >= 0) & (r < N)
         v = tl.load(x_b + r[:, None] * x_sn + col, mask=ok[:, None] & dm, other=0.0)
+        v = tl.where(bad, float("nan"), v.to(ACC)).to(out_ptr.dtype.element_ty)  # exact
         if MERGE == 0:
             keep = j < n_out
         else:
@@ -169,6 +188,7 @@ def _gather_merge_kernel(x_ptr, idx_ptr, counts_ptr, w_ptr, first_ptr, ndrop_ptr
         merged = tl.sum(acc, axis=0)
         if MERGE == 1:
             merged = merged / tl.maximum(tl.load(ndrop_ptr + b), 1).to(ACC)
+        merged = tl.where(bad, float("nan"), merged)
         tl.store(out_b + valid.to(tl.int64) * out_sk, merged[None, :].to(out_ptr.dtype.element_ty),
                  mask=dm)
 
@@ -185,6 +205,7 @@ def _gather_merge_bwd_kernel(g_ptr, idx_ptr, counts_ptr, w_ptr, first_ptr, mult_
     dm = (d < D)[None, :]
     gcol = d.to(tl.int64)[None, :] * g_sd
     valid = _valid_count(counts_ptr, b, K, HAS_COUNTS)
+    bad = _bad_image(idx_ptr + b * idx_sb, counts_ptr, b, N, K, valid, HAS_COUNTS, BLOCK_R)
     g_b = g_ptr + b * g_sb
     gx_b = gx_ptr + b * gx_sb + d[None, :]
     dtype = gx_ptr.dtype.element_ty
@@ -206,6 +227,7 @@ def _gather_merge_bwd_kernel(g_ptr, idx_ptr, counts_ptr, w_ptr, first_ptr, mult_
         elif MERGE == 2:
             w = tl.load(w_ptr + b * w_sb + n * w_sn, mask=nm & ~ref, other=0.0).to(ACC)
             v = tl.where(ref[:, None], v, w[:, None] * gm)
+        v = tl.where(bad, float("nan"), v)
         once = nm & (tl.load(mult_ptr + b * N + n, mask=nm, other=0) < 2)  # repeated: below
         tl.store(gx_b + n.to(tl.int64)[:, None] * gx_sn, v.to(dtype), mask=once[:, None] & dm)
     # Rows referenced several times (user idx only): sum all their occurrences in ACC, store once.
@@ -217,7 +239,8 @@ def _gather_merge_bwd_kernel(g_ptr, idx_ptr, counts_ptr, w_ptr, first_ptr, mult_
             hit = tl.load(idx_ptr + b * idx_sb + j, mask=j < valid, other=-1) == row
             acc += tl.load(g_b + j.to(tl.int64)[:, None] * g_sk + gcol, mask=hit[:, None] & dm,
                            other=0.0).to(ACC)
-        tl.store(gx_b + row.to(tl.int64) * gx_sn, tl.sum(acc, axis=0)[None, :].to(dtype), mask=dm)
+        total = tl.where(bad, float("nan"), tl.sum(acc, axis=0))
+        tl.store(gx_b + row.to(tl.int64) * gx_sn, total[None, :].to(dtype), mask=dm)
 
 
 @triton.autotune(configs=_configs(), key=_KEY)
@@ -412,17 +435,19 @@ def compress_topk(tokens: torch.Tensor, scores: torch.Tensor, k: int, merge: int
     idx = torch.empty(B, k, dtype=torch.int64, device=tokens.device)
     if B == 0:
         return out, idx
-    if N > MAX_N:  # selection beyond one program's registers: select, then gather + merge
-        from .select import select_topk
-        idx = select_topk(scores, k)
-        return gather_merge(tokens, idx, None, merge, weights), idx
     if out.numel() == 0:  # D == 0, or k == 0 without merge: only idx (possibly empty) is due
         if idx.numel():
             from .select import select_topk
             idx = select_topk(scores, k)
         return out, idx
-    slot = torch.empty(B, N, dtype=torch.int32, device=tokens.device)
-    select_rows_into(scores, k, idx, slot)
+    if N > MAX_N:  # selection beyond one program's registers: the exact reference, no host sync
+        from epic_ext import reference
+        idx = reference.select_topk(scores, k)
+        slot = torch.full((B, N), -1, dtype=torch.int32, device=tokens.device)
+        slot.scatter_(1, idx, torch.arange(k, dtype=torch.int32, device=tokens.device).expand(B, k))
+    else:
+        slot = torch.empty(B, N, dtype=torch.int32, device=tokens.device)
+        select_rows_into(scores, k, idx, slot)
     w, w_sb, w_sn = _weights_args(weights, merge, tokens)
     grid = lambda meta: (B, triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
     _compress_kernel[grid](
