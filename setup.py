@@ -2,12 +2,12 @@
 
 EPIC_EXT_CUDA=auto (default) builds csrc/cuda when torch is a CUDA build and nvcc's version
 matches torch.version.cuda; 1 forces it (and fails with the reason when impossible); 0 skips it.
+The decision is epic_ext/cuda_build.py's. With a GPU visible, an auto build that skips the CUDA
+kernels ends with a warning block saying why and how to fix it.
 TORCH_CUDA_ARCH_LIST picks the GPU architectures (default here: "9.0+PTX" when no GPU is visible).
 """
 import glob
 import os
-import re
-import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -24,37 +24,27 @@ from torch.utils import cpp_extension  # noqa: E402
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def nvcc_version(cuda_home):
-    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
-    if not nvcc or not os.path.exists(nvcc):
-        return None
-    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    m = re.search(r"release (\d+)\.(\d+)", out)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+def _load_cuda_build():
+    """epic_ext/cuda_build.py by path: the package itself cannot be imported before it is built."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "epic_ext_cuda_build", os.path.join(ROOT, "epic_ext", "cuda_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cuda_build = _load_cuda_build()
 
 
 def want_cuda():
-    """Return (build_cuda, reason)."""
-    mode = os.environ.get("EPIC_EXT_CUDA", "auto").lower()
-    if mode not in ("auto", "0", "1"):
-        sys.exit(f"EPIC_EXT_CUDA must be auto, 0 or 1, got {mode!r}")
-    if mode == "0":
-        return False, "EPIC_EXT_CUDA=0"
-    problems = []
-    if torch.version.cuda is None:
-        problems.append("torch is not a CUDA build")
-    have = nvcc_version(cpp_extension.CUDA_HOME)
-    if have is None:
-        problems.append(f"no nvcc under CUDA_HOME={cpp_extension.CUDA_HOME}")
-    elif torch.version.cuda is not None:
-        want = tuple(int(x) for x in torch.version.cuda.split(".")[:2])
-        if have[0] != want[0]:
-            problems.append(f"nvcc {have[0]}.{have[1]} does not match torch's CUDA {torch.version.cuda}")
-    if problems:
-        if mode == "1":
-            sys.exit("EPIC_EXT_CUDA=1 but CUDA cannot be built: " + "; ".join(problems))
-        return False, "; ".join(problems)
-    return True, f"nvcc {have[0]}.{have[1]}, torch CUDA {torch.version.cuda}"
+    """Return (build_cuda, reason); exit with the reason when EPIC_EXT_CUDA=1 cannot be honoured."""
+    home = cpp_extension.CUDA_HOME
+    try:
+        return cuda_build.decide(os.environ.get("EPIC_EXT_CUDA", "auto"), torch.version.cuda,
+                                 cuda_build.nvcc_version(home), home)
+    except ValueError as e:
+        sys.exit(str(e))
 
 
 def nvidia_include_dirs():
@@ -80,7 +70,8 @@ if build_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     define_macros.append(("EPIC_WITH_CUDA", None))
     extension = cpp_extension.CUDAExtension
-    include_dirs += nvidia_include_dirs()
+    # nvcc's own headers first: the pip wheels' CUDA headers may be of another CUDA release
+    include_dirs += [os.path.join(cpp_extension.CUDA_HOME, "include")] + nvidia_include_dirs()
     extra["nvcc"] = ["-O3", "-std=c++20", "--fmad=true", "-lineinfo",
                      "--expt-relaxed-constexpr", "-DEPIC_WITH_CUDA"]
 
@@ -104,3 +95,10 @@ setup(
     install_requires=["torch>=2.4,<=2.14.1", "numpy"],
     extras_require={"test": ["pytest", "triton"], "bench": ["matplotlib"]},
 )
+
+# Loud, last in the build output: with a GPU visible, a CPU-only build sends CUDA tensors to the
+# Triton kernels (`make build` and `epic-ext info` repeat this after the install).
+if not build_cuda and os.environ.get("EPIC_EXT_CUDA", "auto").lower() != "0" \
+        and torch.cuda.is_available():
+    print("\n" + cuda_build.warning_block(reason, torch.version.cuda, torch.cuda.get_device_name())
+          + "\n", file=sys.stderr, flush=True)

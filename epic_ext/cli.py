@@ -81,6 +81,9 @@ def _info(args: argparse.Namespace) -> int:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    # A GPU without the CUDA kernels in epic_ext._C: say so loudly, with why and how to fix it.
+    from .cuda_build import gpu_without_cuda_kernels
+    info["cuda_warning"] = gpu_without_cuda_kernels() if cuda else None
     if args.json:
         import json
         print(json.dumps(info, indent=1))
@@ -101,6 +104,8 @@ def _info(args: argparse.Namespace) -> int:
         elif name == "triton" and b["available"]:
             reason += "; TRITON_INTERPRET=1: interpreted (CPU tensors too, slowly)"
         print(f"  {name:<10} {'yes' if b['available'] else 'no ':<4} {reason}")
+    if info["cuda_warning"]:
+        print(info["cuda_warning"])
     return 0
 
 
