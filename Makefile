@@ -11,7 +11,7 @@ export EPIC_EXT_CUDA ?= auto
 KERNEL_SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh csrc/include/epic/*.h python/*.cpp) setup.py
 CMAKE_DIR := build/cmake
 
-.PHONY: all build test test-python test-cpp test-asan demo demo-quick bench clean
+.PHONY: all build test test-python test-cpp test-asan test-gpu gpu-check demo demo-quick bench clean
 
 all: build
 
@@ -22,6 +22,7 @@ $(VENV)/.deps: requirements.txt
 
 $(VENV)/.built: $(VENV)/.deps $(KERNEL_SOURCES)
 	$(PY) -m pip install -q -e . --no-build-isolation
+	@$(PY) -m epic_ext.cuda_build  # loud when a GPU is visible but the CUDA kernels were not built
 	touch $@
 
 build: $(VENV)/.built
@@ -42,6 +43,22 @@ test-python: build
 	TRITON_INTERPRET=1 $(PY) -m pytest tests
 
 test: test-cpp test-python
+
+# GPU machine. test-gpu: the kernel tests with the CUDA kernels and compiled Triton (no
+# TRITON_INTERPRET) plus the GPU-sized tests/gpu; it builds first when there is a .venv, else it
+# uses the machine's python3 and the extension built in place (gpu-check builds it).
+# gpu-check: build with EPIC_EXT_CUDA=1, test-gpu, the GPU goals, benchmarks at GPU sizes,
+# compute-sanitizer, one summary (benchmarks/gpu_check.py; README "GPU check"). Without a GPU both
+# say so; gpu-check then lists what it would run and exits 0.
+GPU_PY = $(if $(wildcard $(VENV)/bin/python),$(PY),$(PYTHON))
+GPU_TESTS := tests/gpu tests/test_ops.py tests/test_kl.py tests/test_attn_scores.py tests/test_backend.py
+
+test-gpu: $(if $(wildcard $(VENV)/.deps),build)
+	@$(GPU_PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA device is visible (make test runs the CPU suite)')"
+	EPIC_EXT_TEST_GPU=1 $(GPU_PY) -m pytest $(GPU_TESTS) $(PYTEST_ARGS)
+
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 demo: build
 	$(VENV)/bin/epic-ext demo --out runs/demo
