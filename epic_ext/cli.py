@@ -424,16 +424,12 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
 
 @command("train", "train with EPIC (TCD / LCD / ICD) or an ablation from a YAML config", _configure_train)
 def _train(args: argparse.Namespace) -> int:
-    import yaml
+    from .train.config import TrainConfig, parse_overrides, read_config_file
 
-    from .train.config import TrainConfig
+    # Every key is checked (errors name the key or the file) before anything heavy is imported.
+    cfg = TrainConfig.from_dict(parse_overrides(read_config_file(args.config), args.set))
     from .train.trainer import train
-
-    data = yaml.safe_load(open(args.config)) or {}
-    for kv in args.set:
-        key, _, value = kv.partition("=")
-        data[key] = yaml.safe_load(value)
-    result = train(TrainConfig.from_dict(data), resume=args.resume)
+    result = train(cfg, resume=args.resume)
     last = result.history[-1] if result.history else {}
     print(f"done: {len(result.history)} steps, last loss {last.get('loss', float('nan')):.4f}, "
           f"median step {result.step_time_s * 1e3:.0f} ms; model in {result.final_dir}")

@@ -125,3 +125,48 @@ def test_cli_infer_json(capsys):
     reports = json.loads(capsys.readouterr().out)
     assert len(reports) == 1 and reports[0]["method"] == "dart"
     assert reports[0]["visual_tokens_per_layer"][-1] == 64
+
+
+def test_train_then_infer_round_trip(tmp_path):
+    # `epic-ext train` saves a complete checkpoint (weights + processor: image processor,
+    # tokenizer, chat template) that `epic-ext infer --model <out>/final` and AutoProcessor load.
+    import subprocess
+    import sys
+
+    import yaml
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from epic_ext.train import synthetic
+    from epic_ext.train.data import ClipImageProcessor, encode_conversation, normalize_turns
+
+    out = tmp_path / "run"
+    cfg = dict(model="demo", data={"synthetic": {"n": 2, "seed": 0}}, schedule="direct",
+               schedule_options={"target_ratio": 0.5}, method="dart", steps=1, batch_size=2, progress=False,
+               tensorboard=False, log_every=0, output_dir=str(out))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    record = synthetic.generate(1, 5)[0]
+    image = synthetic.render_images([record])[0]
+    image.save(tmp_path / "a.png")
+    cli = [sys.executable, "-m", "epic_ext.cli"]
+    proc = subprocess.run(cli + ["train", "--config", str(tmp_path / "run.yaml")], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    final = out / "final"
+    question = record["conversations"][0]["value"].replace("<image>", "").strip()
+    proc = subprocess.run(cli + ["infer", "--model", str(final), "--image", str(tmp_path / "a.png"), "--prompt",
+                                 question, "--max-new-tokens", "2", "--json"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)[0]
+    # The processor expands <image> to the model's 576 tokens around the training prompt's text.
+    processor = AutoProcessor.from_pretrained(final, local_files_only=True)
+    model = LlavaForConditionalGeneration.from_pretrained(final, local_files_only=True)
+    inputs = processor(images=[image], text=[f"USER: <image>\n{question} ASSISTANT:"], return_tensors="pt")
+    ids, _, query, _ = encode_conversation(normalize_turns(record), processor.tokenizer, model.config.image_token_id,
+                                           model.config.image_seq_length)
+    assert inputs["input_ids"][0].tolist() == ids[:query + 1]
+    assert report["prompt_tokens"] == query + 1
+    torch.testing.assert_close(inputs["pixel_values"][0], ClipImageProcessor()(image), atol=0, rtol=0)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    assert processor.apply_chat_template(chat, add_generation_prompt=True) == \
+        f"<s>USER: <image>\n{question} ASSISTANT:"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -159,6 +160,32 @@ class ClipImageProcessor:
         return (x - self.mean) / self.std
 
 
+def llava_processor(model_config, tokenizer, image_size: int = 336):
+    """A transformers ``LlavaProcessor`` that prepares inputs as training did: the
+    :class:`ClipImageProcessor` steps (pad to square with the mean colour, bicubic resize, centre
+    crop, CLIP normalisation) as a ``LlavaImageProcessor``, ``tokenizer`` with its chat template,
+    and ``<image>`` expanded to the model's image-token count. Saved next to a trained model so
+    that ``AutoProcessor.from_pretrained`` loads a complete checkpoint."""
+    from transformers import LlavaImageProcessor, LlavaProcessor
+    from transformers.image_utils import PILImageResampling
+
+    image_processor = LlavaImageProcessor(
+        do_pad=True, do_resize=True, size={"shortest_edge": image_size}, resample=PILImageResampling.BICUBIC,
+        do_center_crop=True, crop_size={"height": image_size, "width": image_size}, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+        do_convert_rgb=True)
+    vision = model_config.vision_config
+    strategy = model_config.vision_feature_select_strategy
+    # LlavaProcessor counts (size / patch)^2 + num_additional_image_tokens and drops one for
+    # "default": a CLIP tower's [CLS] is the additional token, and LLaVA drops it.
+    has_cls = getattr(vision, "model_type", "") == "clip_vision_model"
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
+                          vision_feature_select_strategy=strategy,
+                          num_additional_image_tokens=1 if has_cls else 0,
+                          image_token=tokenizer.convert_ids_to_tokens(model_config.image_token_id),
+                          chat_template=getattr(tokenizer, "chat_template", None))
+
+
 def _pixels(processor, image) -> Tensor:
     if isinstance(image, Tensor):            # already preprocessed (e.g. cached)
         return image
@@ -193,8 +220,11 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
             path = Path(json_path_or_records)
             if not path.is_file():
                 raise ValueError(f"json_path_or_records: no such file {str(path)!r}")
-            with open(path) as f:
-                records = json.load(f)
+            try:
+                with open(path) as f:
+                    records = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"json_path_or_records: {str(path)!r} is not valid JSON ({e})") from None
         else:
             records = json_path_or_records
         if not isinstance(records, (list, tuple)):
@@ -218,6 +248,7 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
         self.max_length, self.system = max_length, system
         self.image_processor = ClipImageProcessor() if image_processor is None else image_processor
         self._bos = _bos_prefix(tokenizer)
+        self._warn_unknown_words()
 
         # Kept as plain attributes (no closures) so the dataset pickles into spawned DataLoader workers.
         images = image_folder_or_images
@@ -243,6 +274,20 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
             self._images = images
         else:
             raise ValueError("image_folder_or_images: expected a folder, a mapping file name -> image, or a list")
+
+    def _warn_unknown_words(self) -> None:
+        # The offline word-level tokenizer maps every word outside its closed vocabulary to
+        # <unk>: a dataset written for another vocabulary would train on <unk>s without a word.
+        from .tokenizer import is_closed_vocabulary, unknown_words
+        if not is_closed_vocabulary(self.tokenizer):
+            return
+        texts = [text.replace(IMAGE_TAG, " ") for turns in self.turns for _, text in turns]
+        n_unk, total, examples = unknown_words(self.tokenizer, texts)
+        if n_unk:
+            warnings.warn(f"tokenizer: {n_unk} of {total} text tokens ({n_unk / total:.1%}) of this dataset are not "
+                          f"in the tokenizer's closed vocabulary and become {self.tokenizer.unk_token} "
+                          f"(e.g. {', '.join(repr(w) for w in examples)}); use a tokenizer that covers the "
+                          f"data's words", UserWarning, stacklevel=3)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -78,4 +78,30 @@ def build_tokenizer(vocab_size: int = 1024, model_max_length: int = 2048):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         extra_special_tokens={"image_token": IMAGE_TOKEN}, chat_template=CHAT_TEMPLATE,
-        model_max_length=model_max_length, padding_side="right", clean_up_tokenization_spaces=False)
+        model_max_length=model_max_length, padding_side="right", clean_up_tokenization_spaces=False,
+        closed_vocabulary=True)   # kept in tokenizer_config.json: datasets check their words against it
+
+
+def is_closed_vocabulary(tokenizer) -> bool:
+    """Whether ``tokenizer`` is this module's word-level one (saved and reloaded included)."""
+    return bool(getattr(tokenizer, "init_kwargs", {}).get("closed_vocabulary", False))
+
+
+def unknown_words(tokenizer, texts) -> tuple[int, int, list[str]]:
+    """(unknown tokens, all tokens, up to 5 distinct unknown words) of ``texts`` under
+    ``tokenizer``: the words a closed vocabulary maps to ``<unk>``."""
+    unk = tokenizer.unk_token_id
+    texts = list(texts)
+    if unk is None or not texts:
+        return 0, 0, []
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    n_unk = total = 0
+    examples: list[str] = []
+    for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"]):
+        total += len(ids)
+        for tid, (a, b) in zip(ids, offsets):
+            if tid == unk:
+                n_unk += 1
+                if len(examples) < 5 and text[a:b] not in examples:
+                    examples.append(text[a:b])
+    return n_unk, total, examples

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -280,14 +281,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, accelerator=None, log=print
 
 
 def _save_final(model, tokenizer, folder: Path) -> None:
-    """The trained model in Hugging Face format (safetensors), written atomically."""
+    """The trained model as a complete Hugging Face checkpoint, written atomically: weights
+    (safetensors) and the processor training used (image processor, tokenizer, chat template),
+    so ``from_pretrained`` / ``AutoProcessor.from_pretrained`` / ``epic-ext infer`` load it."""
+    from .data import llava_processor
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     try:
+        llava_processor(model.config, tokenizer).save_pretrained(tmp)
+    except Exception as e:   # noqa: BLE001 - the weights must survive; say what is missing
+        warnings.warn(f"final model: the processor could not be saved ({type(e).__name__}: {e}); {folder} holds "
+                      f"the weights and the tokenizer only", RuntimeWarning, stacklevel=2)
         tokenizer.save_pretrained(tmp)
-    except Exception:   # noqa: BLE001 - a tokenizer that cannot be saved does not lose the weights
-        pass
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)

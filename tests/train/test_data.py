@@ -420,3 +420,23 @@ def test_tiny_llava_forward_on_batch(ds, tok):
     assert a.logits.shape[1] < train["input_ids"].shape[1]
     torch.testing.assert_close(at_query(a, train["query_index"]), at_query(b, prompts["query_index"]),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_words_warn_with_their_fraction(tok, records, images):
+    import warnings
+    # The synthetic task is inside the closed vocabulary: no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LlavaConversationDataset(records, images, tok, None, tok.convert_tokens_to_ids("<image>"))
+    other = [{"id": "x", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nIs it on the left?"}, {"from": "gpt", "value": "left"}]}]
+    with pytest.warns(UserWarning, match=r"3 of 7 text tokens \(42.9%\).*<unk>.*'Is', 'it', 'on'"):
+        LlavaConversationDataset(other, [images[0]], tok, None, tok.convert_tokens_to_ids("<image>"))
+    # A tokenizer reloaded from a saved model is still recognised.
+    from transformers import AutoTokenizer
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        again = AutoTokenizer.from_pretrained(d)
+    with pytest.warns(UserWarning, match="closed vocabulary"):
+        LlavaConversationDataset(other, [images[0]], again, None, again.convert_tokens_to_ids("<image>"))

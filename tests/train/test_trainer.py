@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from epic_ext.train.config import TrainConfig
+from epic_ext.train.config import TrainConfig, parse_overrides
 from epic_ext.train.trainer import checkpoints, train
 
 BASE = dict(model="tiny", data={"synthetic": {"n": 16, "seed": 3}}, schedule="tcd",
@@ -59,6 +59,64 @@ def test_config_validation(tmp_path):
         TrainConfig.from_dict({**BASE, "stepz": 3})
     with pytest.raises(ValueError, match="data"):
         TrainConfig.from_dict({**BASE, "data": {"nothing": 1}})
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"bf16": "yes"}, "bf16"), ({"save_every": -3}, "save_every"), ({"lr": "fast"}, "lr"),
+    ({"warmup_ratio": 1.5}, "warmup_ratio"), ({"steps": None}, "steps"), ({"seed": 1.5}, "seed"),
+    ({"schedule": "tcdd"}, "schedule"), ({"schedule_options": {"foo": 1}}, "schedule_options"),
+    ({"schedule": "lcd", "schedule_options": {}}, "schedule_options"),
+    ({"schedule_options": {"preset": "nope"}}, "schedule_options"),
+    ({"method_options": {"keep": 64}}, "method_options"), ({"method_options": {"foo": 1}}, "method_options"),
+    ({"method_options": {"pivot_image": 0}}, "method_options"), ({"method": "visionzip"}, "method"),
+    ({"method": "nope"}, "method"), ({"model": "no/such/folder"}, "model"), ({"schedule_options": [1]}, "schedule_options"),
+    ({"data": {"synthetic": {"n": 4, "bogus": 1}}}, "data.synthetic"),
+])
+def test_config_errors_name_the_key(change, key):
+    with pytest.raises(ValueError) as err:
+        TrainConfig.from_dict({**BASE, **change})
+    msg = str(err.value)
+    assert msg.startswith(f"{key}: ") and "\n" not in msg
+
+
+def test_config_numbers_and_files(tmp_path):
+    assert TrainConfig.from_dict({**BASE, "lr": "1e-3"}).lr == 1e-3       # YAML 1.1 reads 1e-3 as a string
+    with pytest.raises(FileNotFoundError, match="data.json"):
+        TrainConfig.from_dict({**BASE, "data": {"json": str(tmp_path / "none.json"), "images": str(tmp_path)}})
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        TrainConfig.from_yaml(missing)
+    truncated = tmp_path / "cut.json"
+    truncated.write_text('{"model": "tiny", "steps": ')
+    with pytest.raises(ValueError, match="cut.json"):
+        TrainConfig.from_yaml(truncated)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="list.yaml"):
+        TrainConfig.from_yaml(listing)
+    assert parse_overrides({"steps": 1}, ["steps=5", "lr=2e-3"]) == {"steps": 5, "lr": "2e-3"}
+    with pytest.raises(ValueError, match="--set"):
+        parse_overrides({}, ["steps"])
+    from epic_ext.train.data import LlavaConversationDataset
+    from epic_ext.train.tokenizer import build_tokenizer
+    with pytest.raises(ValueError, match="cut.json"):
+        LlavaConversationDataset(truncated, tmp_path, build_tokenizer(1024))
+
+
+def test_cli_config_errors_are_one_line_exit_2(tmp_path):
+    good = tmp_path / "run.yaml"
+    good.write_text(yaml.safe_dump({**BASE, "output_dir": str(tmp_path / "out")}))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**BASE, "bf16": "yes"}))
+    cases = [(["--config", str(tmp_path / "none.yaml")], "none.yaml"), (["--config", str(good), "--set", "steps"], "--set"),
+             (["--config", str(bad)], "bf16")]
+    for args, needle in cases:
+        proc = subprocess.run([sys.executable, "-m", "epic_ext.cli", "train", *args], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("epic-ext train: error: ") and needle in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_two_processes_match_one(tmp_path):
