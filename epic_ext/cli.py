@@ -153,7 +153,10 @@ def _bench(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env[RESULTS_ENV] = str(results_dir(out))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    if not ({"-h", "--help", "--list"} & set(rest)):
+    if {"-h", "--help"} & set(rest):
+        print("epic-ext bench [--out DIR] [options of python -m benchmarks, below]\n  --out DIR   "
+              "results folder (default: $EPIC_EXT_BENCH_DIR, else ./benchmarks/results)\n", flush=True)
+    elif "--list" not in rest:
         _note("bench", f"benchmarks of {root}; results in {env[RESULTS_ENV]}")
     return subprocess.call([sys.executable, "-m", "benchmarks", *rest], env=env)
 
