@@ -1,6 +1,7 @@
 """Run every benchmark module, then the report.
 
     python -m benchmarks [--quick] [--only compress,iqr] [--list] [--no-report] [bench options]
+    python -m benchmarks --gpu     # the GPU-size presets of benchmarks/gpu_check.py (PRESETS)
 
 Modules named `bench_<name>.py` in this package are discovered and run in name order, each with
 the options this runner does not consume (--quick, --shapes, --providers, --device, --budget, ...;
@@ -60,8 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma list of benchmark names (e.g. compress,iqr)")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--no-report", action="store_true", help="skip the merged table and plot")
+    p.add_argument("--gpu", action="store_true",
+                   help="GPU sizes: only the benchmarks of gpu_check's PRESETS, each with its "
+                        "preset options (capped repetitions, no torch.compile) before yours")
     args, rest = p.parse_known_args(argv)
     names = discover()
+    presets = {}
+    if args.gpu:
+        from benchmarks.gpu_check import BENCH_COMMON, PRESETS
+        presets = {n: BENCH_COMMON + PRESETS[n] for n in PRESETS}
+        names = [n for n in names if n in presets]
     if args.list:
         print("\n".join(names))
         return 0
@@ -76,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             module = importlib.import_module(f"benchmarks.{PREFIX}{name}")
-            rc = module.main(_accepted(module, rest)) or 0
+            rc = module.main(_accepted(module, presets.get(name, []) + rest)) or 0
         except SystemExit as e:  # argparse errors, deliberate exits
             rc = e.code if isinstance(e.code, int) else 1
         except Exception:  # noqa: BLE001

@@ -73,3 +73,9 @@ def test_driver_runs_every_step_and_prints_the_summary_last(tmp_path, monkeypatc
     assert "built" in (tmp_path / "out" / "gpu_check.log").read_text()
     with tarfile.open(tmp_path / "out" / "gpu_results.tar.gz") as tar:
         assert "gpu_check/build.log" in tar.getnames()
+
+
+def test_benchmarks_gpu_preset_selects_the_preset_benchmarks(capsys):
+    from benchmarks.__main__ import main
+    assert main(["--gpu", "--list"]) == 0
+    assert capsys.readouterr().out.split() == sorted(gpu_check.PRESETS)
