@@ -380,8 +380,8 @@ def _infer(args: argparse.Namespace) -> int:
         inputs = processor(images, prompts)
         llm_tokenizer = processor
     else:
+        processor = tiny.load_processor(args.model)     # a missing processor fails before the weights load
         model = tiny.load_llava(args.model, dtype=dtype, device=device)
-        processor = tiny.load_processor(args.model)
         texts = [f"USER: <image>\n{p} ASSISTANT:" for p in prompts]
         opened = {f: Image.open(f).convert("RGB") for f in set(images)}
         inputs = processor(images=[opened[f] for f in images], text=texts, return_tensors="pt",

@@ -263,3 +263,13 @@ def test_info_says_triton_needs_the_interpreter_on_cpu():
     line = next(ln for ln in res.stdout.splitlines() if ln.strip().startswith("triton"))
     if " yes " in line:
         assert "CPU tensors need TRITON_INTERPRET=1" in line
+
+
+def test_checkpoint_without_processor(files, tmp_path):
+    """A checkpoint folder without its processor: one line naming the folder and the processor,
+    before the weights load."""
+    from epic_ext.models import tiny
+    tiny.build_tiny_llava("tiny", text_layers=1, vision_layers=1).save_pretrained(tmp_path / "m")
+    res = run_cli("infer", "--model", tmp_path / "m", "--image", files / "a.png")
+    assert_one_line_error(res, "infer", r"m: cannot load the processor saved with the model")
+    assert "running in float32 on the CPU" in res.stderr

@@ -122,9 +122,10 @@ def load_processor(path: str):
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = (" ".join(str(e).split()).split(". ")[0] or type(e).__name__).rstrip(".")
         raise OSError(f"{path}: cannot load the processor saved with the model (image processor + "
-                      f"tokenizer): {first}") from e
+                      f"tokenizer; transformers: {first}); save it next to the weights with "
+                      "processor.save_pretrained(folder)") from e
     tok = getattr(processor, "tokenizer", None)
     if tok is None or not hasattr(processor, "image_processor"):
         raise OSError(f"{path}: the saved processor has no tokenizer and image processor")
