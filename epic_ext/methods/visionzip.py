@@ -59,6 +59,8 @@ class VisionZipConfig(MethodConfig):
 
     def validate(self) -> None:
         check_keep(self.keep)
+        if self.keep == 0:   # an int 0 fails here, at apply time; a ratio rounding to 0 in split()
+            raise ValueError("keep: VisionZip keeps at least the CLS token, so keep must be >= 1, got 0")
         for name in ("dominant", "contextual"):
             v = getattr(self, name)
             if v is None:

@@ -152,11 +152,14 @@ def reduced_forward(self, input_ids=None, pixel_values=None, attention_mask=None
         # Count past tokens in the prompt's original numbering (layer 0 may hold the reduced set).
         past_len = cached.prompt_len + past_key_values.get_seq_length(n_layers - 1) - cached.mask.shape[1]
 
-    if position_ids is None:
-        position_ids = torch.arange(past_len, past_len + length, device=device)[None].expand(b, -1)
     if attention_mask is None:
         attention_mask = torch.ones(b, past_len + length, dtype=torch.bool, device=device)
     attention_mask = attention_mask.bool()
+    if position_ids is None:
+        # Count each row's real tokens (what generate() passes): with left padding, positions
+        # starting at 0 on the pad would change absolute-position-dependent rankings (DART's L1
+        # key norms after RoPE), so a padded row would not select what it selects alone.
+        position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, -length:]
     last_position = position_ids[:, -1:]
     if query_index is None:
         query_index = default_query_index(attention_mask, length)
@@ -202,7 +205,31 @@ def _lm_output(model, seq: Sequence, labels, logits_to_keep, cache, **kwargs):
 
 # --------------------------------------------------------------------------- apply / revert
 
+def check_model(model, spec: MethodSpec) -> None:
+    """What the reduced forward would reject (or get wrong) later, rejected when applying."""
+    inner = getattr(model, "model", None)
+    if not hasattr(model, "lm_head") or not hasattr(inner, "language_model") or not hasattr(inner, "vision_tower"):
+        raise ValueError(f"model: token reduction replaces the forward of LlavaForConditionalGeneration, got "
+                         f"{type(model).__name__}; pass the ...ForConditionalGeneration (it holds the LM head), "
+                         f"not its inner LlavaModel")
+    cfg = model.config
+    if isinstance(cfg.vision_feature_layer, bool) or not isinstance(cfg.vision_feature_layer, int):
+        raise ValueError(f"vision_feature_layer: token reduction supports a single vision feature layer (an int), "
+                         f"this model's config has {cfg.vision_feature_layer!r}")
+    if spec.stage == "vision":
+        # Vision methods rank patches with the [CLS] token's attention (VisionZip, PruMerge) or
+        # need LLaVA to drop it ("default"); an encoder without one (SigLIP) has no rule yet.
+        has_cls = any(name.endswith("class_embedding") for name, _ in inner.vision_tower.named_parameters())
+        strategy = cfg.vision_feature_select_strategy
+        if strategy != "default" or not has_cls:
+            what = "has no [CLS] token" if not has_cls else f"keeps its [CLS] token (strategy {strategy!r})"
+            raise ValueError(f"model: {spec.name} reduces vision-encoder tokens ranked against the [CLS] token, "
+                             f"which LLaVA must drop (vision_feature_select_strategy='default'); this model's "
+                             f"vision tower {what}. Use an in-LLM method (dart, fastv, random, pooling) instead")
+
+
 def apply(model, spec: MethodSpec, cfg) -> None:
+    check_model(model, spec)
     layer = getattr(cfg, "layer", 0) if spec.stage == "llm" else 0
     n_layers = len(text_modules(model.model.language_model))
     if not 0 <= layer < n_layers:

@@ -44,15 +44,19 @@ def apply_selection(hidden: Tensor, mask: Tensor, position_ids: Tensor, start: T
     b, length, d = hidden.shape
     n_slots = sel_index.shape[1]
     src, slot, _ = rebuild_index(start, n_image, n_slots, length)
-    slot_c = slot.clamp(min=0)
-    in_span = slot >= 0
-    src = torch.where(in_span, start[:, None] + sel_index.gather(1, slot_c), src)
-    new_hidden = take_rows(hidden, src)
-    if sel_hidden is not None:
-        repl = take_rows(sel_hidden.to(hidden.dtype), slot_c)
-        new_hidden = torch.where(in_span[..., None], repl, new_hidden)
+    new_hidden = None
+    if n_slots > 0:
+        # (With no slot, e.g. keep = 0, the image span simply vanishes: nothing to gather from.)
+        slot_c = slot.clamp(min=0)
+        in_span = slot >= 0
+        src = torch.where(in_span, start[:, None] + sel_index.gather(1, slot_c), src)
+        if sel_hidden is not None:
+            repl = take_rows(sel_hidden.to(hidden.dtype), slot_c)
+            new_hidden = torch.where(in_span[..., None], repl, take_rows(hidden, src))
+    if new_hidden is None:
+        new_hidden = take_rows(hidden, src)
     new_mask = mask.gather(1, src)
-    if sel_valid is not None:
+    if sel_valid is not None and n_slots > 0:
         new_mask = new_mask & torch.where(in_span, sel_valid.gather(1, slot_c), True)
     if renumber:
         # Before the LLM the methods' own code builds a shorter sequence: positions run on.

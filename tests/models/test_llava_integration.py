@@ -84,7 +84,10 @@ CASES = [("none", {}), ("none", {"layer": 2}), ("test_norm_topk", {"keep": 37, "
          ("pooling", {"keep": 36}), ("pooling", {"keep": 144, "layer": 2}),
          ("trim", {"pooled": False}), ("trim", {"keep": 40}), ("prumerge", {"pooled": False}),
          ("prumerge_plus", {"pooled": False}), ("prumerge", {"pooled": False, "max_k": 100}),
-         ("visionzip", {}), ("visionzip", {"keep": 32})]
+         ("visionzip", {}), ("visionzip", {"keep": 32}),
+         # keep = 0 is a legal budget: the image span vanishes, the text still runs
+         ("dart", {"keep": 0, "layer": 2}), ("fastv", {"keep": 0, "layer": 1}), ("pooling", {"keep": 0}),
+         ("random", {"keep": 0, "layer": 2, "seed": 1})]
 # Batch-pooled IQR (the published default) ties a row's budget to its batch: cache/recompute only.
 POOLED = [("trim", {}), ("prumerge", {}), ("prumerge_plus", {})]
 
@@ -280,3 +283,113 @@ def test_fastv_under_sdpa_keeps_what_eager_attention_ranks(layer, keep):
     kept = out.kept_index
     got = torch.stack([kept[b][(kept[b] >= start[b]) & (kept[b] < start[b] + 576)] - start[b] for b in range(2)])
     assert torch.equal(got, expect)
+
+
+# Every method whose selection is batch-independent (random draws one block per batch, pooled IQR
+# ties a row's budget to its batch).
+NO_POSITIONS = [("none", {"layer": 2}), ("dart", {"keep": 64, "layer": 2}), ("fastv", {"keep": 64, "layer": 2}),
+                ("pooling", {"keep": 36, "layer": 1}), ("trim", {"pooled": False}), ("prumerge", {"pooled": False}),
+                ("prumerge_plus", {"pooled": False}), ("visionzip", {})]
+
+
+@pytest.mark.parametrize("method,opts", NO_POSITIONS)
+def test_left_padding_without_position_ids(model, method, opts):
+    # model(**batch) without position_ids: the reduced forward numbers positions from the
+    # attention mask, as generate() does; DART's key norms (after RoPE) would otherwise depend
+    # on the padding and select other tokens.
+    ids, mask, px = _inputs(model, 2, seed=5)
+    apply(model, method, **_resolve(model, method, opts))
+    try:
+        with torch.no_grad():
+            batch = model(input_ids=ids, pixel_values=px, attention_mask=mask)
+            for b in range(ids.shape[0]):
+                real = mask[b].bool()
+                alone = model(input_ids=ids[b:b + 1, real], pixel_values=px[b:b + 1])
+                pad = int((~real).sum())
+                rows = batch.kept_mask[b]
+                k_batch = batch.kept_index[b, rows]
+                assert torch.equal(torch.where(k_batch >= 0, k_batch - pad, -1), alone.kept_index[0, alone.kept_mask[0]])
+                torch.testing.assert_close(batch.logits[b, rows], alone.logits[0, alone.kept_mask[0]],
+                                           atol=2e-5, rtol=2e-5)
+    finally:
+        revert(model)
+
+
+@pytest.mark.parametrize("method,opts", [("random", {"seed": 0}), ("pooling", {}), ("none", {})])
+def test_keep_zero_before_the_llm_runs_the_text_alone(model, method, opts):
+    # Dropping every image token before layer 0 (positions renumbered) is the LLM on the text.
+    ids, mask, px = _inputs(model, 1, seed=2)
+    text = ids[:, ids[0] != model.config.image_token_id]
+    with torch.no_grad():
+        ref = model(input_ids=text).logits
+    if method == "none":
+        return   # the reference above, from the unmodified model
+    apply(model, method, keep=0, layer=0, **opts)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, pixel_values=px, attention_mask=mask)
+            gen = model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=2,
+                                 do_sample=False)
+    finally:
+        revert(model)
+    with torch.no_grad():
+        gen_text = model.generate(input_ids=text, max_new_tokens=2, do_sample=False)
+    torch.testing.assert_close(out.logits, ref, atol=2e-5, rtol=2e-5)
+    assert not (out.kept_index == -1).any() and out.kept_index.shape[1] == text.shape[1]
+    assert torch.equal(gen[:, -2:], gen_text[:, -2:])
+
+
+def test_keep_zero_rejected_where_a_method_cannot_honour_it(model):
+    with pytest.raises(ValueError, match="keep"):
+        apply(model, "visionzip", keep=0)
+    assert applied_method(model) is None
+
+
+def _siglip_llava(strategy="full"):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    from epic_ext.models.tiny import llava_config
+    base = llava_config("tiny")
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=56, patch_size=14)
+    cfg = LlavaConfig(vision_config=vision, text_config=base.text_config, image_token_id=base.image_token_id,
+                      image_seq_length=16, projector_hidden_act="gelu", vision_feature_layer=-2,
+                      vision_feature_select_strategy=strategy)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlavaForConditionalGeneration(cfg).eval()
+
+
+def test_apply_rejects_what_the_forward_cannot_run(model):
+    siglip = _siglip_llava()
+    # Vision methods rank against the [CLS] token, which a SigLIP tower does not have.
+    for method, opts in [("visionzip", {}), ("prumerge", {}), ("prumerge_plus", {}),
+                         ("trim", {"scorer": _scorer(model)})]:
+        with pytest.raises(ValueError, match="CLS"):
+            apply(siglip, method, **opts)
+        assert applied_method(siglip) is None
+    # A CLIP tower whose [CLS] LLaVA keeps ("full") is rejected alike.
+    model.config.vision_feature_select_strategy = "full"
+    try:
+        with pytest.raises(ValueError, match="vision_feature_select_strategy"):
+            apply(model, "visionzip")
+    finally:
+        model.config.vision_feature_select_strategy = "default"
+    # In-LLM methods work on such a model.
+    apply(siglip, "dart", keep=4, layer=2)
+    try:
+        ids, mask = random_prompts(siglip, 2)
+        with torch.no_grad():
+            out = siglip(input_ids=ids, pixel_values=torch.randn(2, 3, 56, 56), attention_mask=mask)
+        assert out.logits.shape[1] == ids.shape[1] - 16 + 4
+    finally:
+        revert(siglip)
+    with pytest.raises(ValueError, match="LlavaModel"):
+        apply(model.model, "dart", keep=4)
+    model.config.vision_feature_layer = [-2, -1]
+    try:
+        with pytest.raises(ValueError, match="vision_feature_layer"):
+            apply(model, "dart", keep=4)
+    finally:
+        model.config.vision_feature_layer = -2
+    assert applied_method(model) is None
