@@ -95,9 +95,9 @@ def iqr_select(scores: torch.Tensor, whisker: float = 1.5, pooled: bool = False,
     """
     B, N = scores.shape
     x = scores.float()
-    if B == 0:
-        return (torch.zeros(0, dtype=torch.int64, device=scores.device),
-                torch.zeros(0, N, dtype=torch.int64, device=scores.device))
+    if B == 0 or N == 0:  # nothing to select: counts 0 (no fence to compute)
+        return (torch.zeros(B, dtype=torch.int64, device=scores.device),
+                torch.zeros(B, N, dtype=torch.int64, device=scores.device))
     if pooled:
         fence = upper_fence(x.reshape(1, -1), whisker)
         total = (x > fence).sum()
@@ -110,29 +110,51 @@ def iqr_select(scores: torch.Tensor, whisker: float = 1.5, pooled: bool = False,
     return counts.to(torch.int64), select_rows(x, counts)
 
 
+def index_plan(idx: torch.Tensor, counts: torch.Tensor | None, n_tokens: int):
+    """(n_valid [B], valid [B, K], bad [B]) of a gather: row b uses idx[b, :n_valid[b]] (counts
+    clamped to [0, K]); bad[b] when counts[b] is outside [0, K] or a valid entry is outside
+    [0, n_tokens). A bad image uses no entry (valid all False): its rows are NaN instead."""
+    B, K = idx.shape
+    dev = idx.device
+    if counts is None:
+        n_valid = torch.full((B,), K, dtype=torch.int64, device=dev)
+        bad = torch.zeros(B, dtype=torch.bool, device=dev)
+    else:
+        n_valid = counts.clamp(0, K)
+        bad = (counts < 0) | (counts > K)
+    valid = torch.arange(K, device=dev).view(1, K) < n_valid.view(B, 1)
+    bad = bad | (valid & ((idx < 0) | (idx >= n_tokens))).any(dim=1)
+    return n_valid, valid & ~bad.view(B, 1), bad
+
+
 def gather_merge(tokens: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor | None = None,
                  merge: int = MERGE_MEAN, weights: torch.Tensor | None = None) -> torch.Tensor:
     """[B, K + (merge != none), D]: kept rows, then the merged row, then zero padding.
 
     Rows j < counts[b] (all K without counts) are tokens[b, idx[b, j]]. The merged row sits at
-    position counts[b]: the mean of the rows that no valid idx references (zeros if none), or
-    sum of weights[b, n] * tokens[b, n] over them. Differentiable (autograd) w.r.t. tokens and
-    weights.
+    position counts[b]: the mean of the rows that no valid idx references (zeros if none, N = 0
+    included), or sum of weights[b, n] * tokens[b, n] over them. An image with a valid idx entry
+    outside [0, N) or counts[b] outside [0, K] (index_plan's bad) gets NaN in every output row,
+    and NaN gradients for all its tokens (and weights). Differentiable (autograd) w.r.t. tokens
+    and weights.
     """
     B, N, D = tokens.shape
     K = idx.shape[1]
     acc = _opmath(tokens.dtype)
-    x = tokens.to(acc)
-    valid = (torch.arange(K, device=tokens.device).view(1, K)
-             < (counts.view(B, 1) if counts is not None else K))
-    safe_idx = torch.where(valid, idx, torch.zeros_like(idx))
-    kept = x.gather(1, safe_idx.unsqueeze(-1).expand(B, K, D))
-    kept = torch.where(valid.unsqueeze(-1), kept, torch.zeros_like(kept))
+    n_valid, valid, bad = index_plan(idx, counts, N)
+    # x * NaN for a bad image: NaN through autograd too (x * 1 is exact for the others).
+    scale = torch.where(bad, float("nan"), 1.0).to(acc).view(B, 1, 1)
+    x = tokens.to(acc) * scale
+    # Unused slots read an appended zero row (so N = 0 needs no special case).
+    x_pad = torch.cat([x, torch.zeros(B, 1, D, dtype=acc, device=tokens.device)], dim=1)
+    safe_idx = torch.where(valid, idx, torch.full_like(idx, N))
+    kept = x_pad.gather(1, safe_idx.unsqueeze(-1).expand(B, K, D))
     referenced = torch.zeros(B, N + 1, dtype=torch.bool, device=tokens.device)
-    referenced.scatter_(1, torch.where(valid, idx, torch.full_like(idx, N)), True)
+    referenced.scatter_(1, safe_idx, True)
     dropped = ~referenced[:, :N]
+    nan_rows = bad.view(B, 1, 1)
     if merge == MERGE_NONE:
-        return kept.to(tokens.dtype)
+        return torch.where(nan_rows, float("nan"), kept).to(tokens.dtype)
     if merge == MERGE_MEAN:
         n_drop = dropped.sum(dim=1, keepdim=True).to(acc)
         total = torch.where(dropped.unsqueeze(-1), x, torch.zeros_like(x)).sum(dim=1)
@@ -141,23 +163,22 @@ def gather_merge(tokens: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor |
         wx = weights.to(acc).unsqueeze(-1) * x
         merged = torch.where(dropped.unsqueeze(-1), wx, torch.zeros_like(wx)).sum(dim=1)
     out = torch.cat([kept, torch.zeros(B, 1, D, dtype=acc, device=tokens.device)], dim=1)
-    pos = counts if counts is not None else torch.full((B,), K, device=tokens.device)
-    slot = torch.nn.functional.one_hot(pos.long(), K + 1).unsqueeze(-1)  # [B, K+1, 1]
+    slot = torch.nn.functional.one_hot(n_valid, K + 1).unsqueeze(-1)  # [B, K+1, 1]
     out = torch.where(slot.bool(), merged.unsqueeze(1).expand_as(out), out)
-    return out.to(tokens.dtype)
+    return torch.where(nan_rows, float("nan"), out).to(tokens.dtype)
 
 
 def gather_merge_backward(grad_out: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor | None,
                           merge: int, weights: torch.Tensor | None, n_tokens: int) -> torch.Tensor:
     """Gradient of gather_merge w.r.t. tokens: a kept row gets its output row's gradient (summed
     over repeated indices); a dropped row gets grad_merged / n_dropped (mean) or
-    weights[b, n] * grad_merged (weighted); zero with merge none."""
+    weights[b, n] * grad_merged (weighted); zero with merge none. A bad image (index_plan) gets
+    NaN in every row."""
     B, _, D = grad_out.shape
     K = idx.shape[1]
     acc = _opmath(grad_out.dtype)
     g = grad_out.to(acc)
-    valid = (torch.arange(K, device=idx.device).view(1, K)
-             < (counts.view(B, 1) if counts is not None else K))
+    n_valid, valid, bad = index_plan(idx, counts, n_tokens)
     sink = torch.where(valid, idx, torch.full_like(idx, n_tokens))  # invalid rows go to a sink row
     grad = torch.zeros(B, n_tokens + 1, D, dtype=acc, device=grad_out.device)
     grad.scatter_add_(1, sink.unsqueeze(-1).expand(B, K, D), g[:, :K])
@@ -166,14 +187,14 @@ def gather_merge_backward(grad_out: torch.Tensor, idx: torch.Tensor, counts: tor
     dropped = ~referenced[:, :n_tokens]
     grad = grad[:, :n_tokens]
     if merge != MERGE_NONE:
-        pos = counts if counts is not None else torch.full((B,), K, device=idx.device)
-        g_merged = g.gather(1, pos.long().view(B, 1, 1).expand(B, 1, D))  # [B, 1, D]
+        g_merged = g.gather(1, n_valid.view(B, 1, 1).expand(B, 1, D))  # [B, 1, D]
         if merge == MERGE_MEAN:
             n_drop = dropped.sum(dim=1).clamp(min=1).to(acc).view(B, 1, 1)
             spread = (g_merged / n_drop).expand(B, n_tokens, D)
         else:
             spread = weights.to(acc).unsqueeze(-1) * g_merged
         grad = torch.where(dropped.unsqueeze(-1), spread, grad)
+    grad = torch.where(bad.view(B, 1, 1), float("nan"), grad)
     return grad.to(grad_out.dtype)
 
 

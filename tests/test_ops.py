@@ -148,6 +148,132 @@ def test_gather_merge_grad_vs_fp64(backend, shape, dtype, merge, ragged):
         torch.testing.assert_close(weights.grad.double().cpu(), w64.grad, atol=1e-4 * D, rtol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("merge", MERGES)
+def test_gather_merge_backward_repeated_idx_rounds_once(backend, dtype, merge, poison):
+    """A row that idx repeats gets the sum of its slots' gradients rounded once, as in the
+    reference: grads 1, eps/2, -1 give eps/2, not the 0 of rounding after every addition."""
+    dev = backend[1]
+    gen = torch.Generator().manual_seed(23)
+    half_eps = torch.finfo(dtype).eps / 2
+    tokens = torch.randn(2, 6, 5, generator=gen).to(dtype).to(dev).requires_grad_()
+    weights = torch.rand(2, 6, generator=gen).to(dev) if merge == "weighted" else None
+    idx = torch.tensor([[2, 2, 2, 5], [4, 0, 4, 1]])
+    counts = torch.tensor([4, 3])
+    rows = 4 + (merge != "none")
+    grad = torch.randn(2, rows, 5, generator=gen).to(dtype)
+    grad[0, :3] = torch.tensor([1.0, half_eps, -1.0]).view(3, 1)
+    out = epic_ext.gather_merge(tokens, idx.to(dev), merge, weights, counts=counts.to(dev))
+    out.backward(grad.to(dev))
+    assert torch.equal(tokens.grad[0, 2].cpu(), torch.full((5,), half_eps, dtype=dtype))
+    want = R.gather_merge_backward(grad.double(), idx, counts, R.MERGE_CODES[merge],
+                                   None if weights is None else weights.cpu().double(), 6)
+    assert_close(tokens.grad, want.to(dtype), dtype)
+
+
+# Bad indices (D1). Image 0 is fine (its entry past counts is ignored padding), image 1 is not.
+BAD_INDEX_CASES = {
+    "idx_at_N": ([[3, 0, -1], [1, 7, 2]], [2, 3]),
+    "idx_negative": ([[3, 0, -1], [1, -1, 2]], [2, 2]),
+    "counts_above_K": ([[3, 0, -1], [1, 2, 3]], [2, 4]),
+    "counts_negative": ([[3, 0, -1], [1, 2, 3]], [2, -1]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INDEX_CASES))
+@pytest.mark.parametrize("check", [None, True], ids=["check_default", "check_true"])
+def test_gather_merge_bad_index_checked_raises(backend, case, check):
+    """check=True raises on every device; check=None on CPU tensors (free there), naming the
+    argument. On a GPU check=None reads nothing back: bad images become NaN rows instead."""
+    dev = backend[1]
+    idx, counts = (torch.tensor(v, device=dev) for v in BAD_INDEX_CASES[case])
+    tokens = torch.randn(2, 7, 3, device=dev)
+    name = r"counts.*\[0, K\] = \[0, 3\]" if case.startswith("counts") else "idx.* out of range for N = 7"
+    if check is None and dev != "cpu":
+        out = epic_ext.gather_merge(tokens, idx, counts=counts, check=check)
+        assert out[1].isnan().all() and not out[0].isnan().any()
+        return
+    with pytest.raises(ValueError, match=name):
+        epic_ext.gather_merge(tokens, idx, counts=counts, check=check)
+
+
+@pytest.mark.parametrize("case", list(BAD_INDEX_CASES))
+@pytest.mark.parametrize("merge", MERGES)
+def test_gather_merge_bad_index_unchecked_gives_nan_rows(backend, case, merge, poison):
+    """check=False: no host read; every output row of a bad image is NaN (kept, merged and
+    padding rows) and so is every gradient row of its tokens, on every backend and in the
+    reference; the other images are unaffected. The C++ CPU kernel raises instead (free)."""
+    dev = backend[1]
+    gen = torch.Generator().manual_seed(29)
+    idx, counts = (torch.tensor(v) for v in BAD_INDEX_CASES[case])
+    base = torch.randn(2, 7, 3, generator=gen)
+    weights = torch.rand(2, 7, generator=gen) if merge == "weighted" else None
+    code = R.MERGE_CODES[merge]
+    want = R.gather_merge(base, idx, counts, code, weights)
+    assert want[1].isnan().all() and not want[0].isnan().any()
+    tokens = base.clone().to(dev).requires_grad_()
+    args = (idx.to(dev), merge, None if weights is None else weights.to(dev))
+    if backend[0] == "cpu":
+        with pytest.raises(ValueError, match="counts" if case.startswith("counts") else "idx"):
+            epic_ext.gather_merge(tokens, *args, counts=counts.to(dev), check=False)
+        return
+    out = epic_ext.gather_merge(tokens, *args, counts=counts.to(dev), check=False)
+    assert out.shape == want.shape
+    assert out[1].isnan().all()
+    assert_close(out[0], want[0])
+    grad = torch.randn(out.shape, generator=gen)
+    out.backward(grad.to(dev))
+    want_grad = R.gather_merge_backward(grad, idx, counts, code, weights, 7)
+    assert want_grad[1].isnan().all() and tokens.grad[1].isnan().all()
+    assert_close(tokens.grad[0], want_grad[0])
+    # The spec's own autograd agrees with its explicit backward.
+    t_ref = base.clone().requires_grad_()
+    R.gather_merge(t_ref, idx, counts, code, weights).backward(grad)
+    assert t_ref.grad[1].isnan().all()
+    assert_close(t_ref.grad[0], want_grad[0])
+
+
+@pytest.mark.parametrize("merge", MERGES)
+def test_gather_merge_no_tokens(backend, merge, poison):
+    """N = 0 on every backend: no valid entry (counts 0; idx entries are padding, here -1), so
+    the merged row of nothing and the padding rows are zeros; the gradient is empty."""
+    dev = backend[1]
+    B, D = 3, 4
+    tokens = torch.ones(B, 0, D, device=dev, requires_grad=True)
+    weights = torch.ones(B, 0, device=dev) if merge == "weighted" else None
+    counts = torch.zeros(B, dtype=torch.int64, device=dev)
+    code = R.MERGE_CODES[merge]
+    for idx, cnt in ((torch.full((B, 2), -1, device=dev), counts), (torch.zeros(B, 0, dtype=torch.int64, device=dev), None)):
+        out = epic_ext.gather_merge(tokens, idx, merge, weights, counts=cnt)
+        rows = idx.shape[1] + (merge != "none")
+        assert out.shape == (B, rows, D)
+        assert torch.equal(out.cpu(), torch.zeros(B, rows, D))
+        want = R.gather_merge(tokens.detach().cpu(), idx.cpu(), None if cnt is None else cnt.cpu(), code,
+                              None if weights is None else weights.cpu())
+        assert torch.equal(want, torch.zeros(B, rows, D))
+        out.backward(torch.ones(B, rows, D, device=dev))
+        assert tokens.grad.shape == (B, 0, D)
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["per_image", "pooled"])
+def test_iqr_select_and_compress_no_tokens(backend, pooled, poison):
+    """N = 0: iqr_select gives counts 0 and [B, 0] indices on every backend (reference included);
+    compress(k="iqr") gives the zero merged row."""
+    dev = backend[1]
+    scores = torch.ones(3, 0, device=dev)
+    tokens = torch.ones(3, 0, 4, device=dev)
+    for max_k in (None, 0):
+        counts, idx = epic_ext.iqr_select(scores, pooled=pooled, max_k=max_k)
+        assert torch.equal(counts.cpu(), torch.zeros(3, dtype=torch.int64))
+        assert idx.shape == (3, 0) and idx.dtype == torch.int64
+        want = R.iqr_select(scores.cpu(), 1.5, pooled, -1 if max_k is None else max_k)
+        assert torch.equal(want[0], counts.cpu()) and want[1].shape == (3, 0)
+    got = epic_ext.compress(tokens, scores, "iqr", pooled=pooled)
+    assert torch.equal(got.counts.cpu(), torch.zeros(3, dtype=torch.int64))
+    assert got.indices.shape == (3, 0)
+    assert torch.equal(got.tokens.cpu(), torch.zeros(3, 1, 4))
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("merge", MERGES)
@@ -260,15 +386,17 @@ def test_empty_batch_and_unbatched(backend):
     (lambda t, s: epic_ext.select_topk(s.new_full(s.shape, float("nan")), 2, nan_policy="raise"),
      ValueError, "NaN"),
     (lambda t, s: epic_ext.iqr_select(s, output="list"), ValueError, "output"),
-    (lambda t, s: epic_ext.gather_merge(t, torch.full((2, 3), 7, device=t.device)), ValueError,
-     "out of range"),
-    (lambda t, s: epic_ext.gather_merge(t, torch.full((2, 3), -1, device=t.device)), ValueError,
-     "out of range"),
+    (lambda t, s: epic_ext.gather_merge(t, torch.full((2, 3), 7, device=t.device), check=True),
+     ValueError, "idx.* out of range for N = 7"),
+    (lambda t, s: epic_ext.gather_merge(t, torch.full((2, 3), -1, device=t.device), check=True),
+     ValueError, "idx.* out of range for N = 7"),
+    (lambda t, s: epic_ext.gather_merge(t, torch.zeros(2, 3, dtype=torch.long, device=t.device),
+                                        check=1), TypeError, "check must be"),
     (lambda t, s: epic_ext.gather_merge(t, torch.zeros(2, 3, dtype=torch.int32, device=t.device)),
      TypeError, "idx must be int64"),
     (lambda t, s: epic_ext.gather_merge(t, torch.zeros(2, 3, dtype=torch.long, device=t.device),
-                                        counts=torch.tensor([1, 4], device=t.device)),
-     ValueError, "counts"),
+                                        counts=torch.tensor([1, 4], device=t.device), check=True),
+     ValueError, r"counts.*\[0, K\] = \[0, 3\]"),
 ])
 def test_bad_input_raises_naming_the_argument(backend, call, exc, words):
     gen = torch.Generator().manual_seed(3)

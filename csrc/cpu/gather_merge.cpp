@@ -32,14 +32,18 @@ struct Plan {
   std::vector<int64_t> valid;       // number of valid idx entries per image
   std::vector<int64_t> first_slot;  // [B*N]: first j with idx[b,j] == n, else -1
   std::vector<int64_t> n_dropped;   // rows referenced by no valid idx
+  std::vector<int64_t> next_slot;   // [B*K] (backward only): next j' > j with the same idx, else -1
 };
 
-// Phase 1 for a user-given idx: validate and mark referenced rows.
-Plan plan_from_idx(const at::Tensor& idx, const std::optional<at::Tensor>& counts, int64_t N) {
-  Plan p{idx.size(0), N, idx.size(1), {}, {}, {}};
+// Phase 1 for a user-given idx: validate and mark referenced rows; with_repeats also chains the
+// slots of each row (the backward sums a repeated row's gradients in one accumulator).
+Plan plan_from_idx(const at::Tensor& idx, const std::optional<at::Tensor>& counts, int64_t N,
+                   bool with_repeats) {
+  Plan p{idx.size(0), N, idx.size(1), {}, {}, {}, {}};
   p.valid.assign(p.B, p.K);
   p.first_slot.assign(p.B * N, -1);
   p.n_dropped.assign(p.B, N);
+  if (with_repeats) p.next_slot.assign(p.B * p.K, -1);
   const at::Tensor ic = idx.contiguous();
   const int64_t* ip = ic.data_ptr<int64_t>();
   if (counts.has_value()) {
@@ -54,15 +58,16 @@ Plan plan_from_idx(const at::Tensor& idx, const std::optional<at::Tensor>& count
   at::parallel_for(0, p.B, rows_grain(N + p.K), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t* fs = p.first_slot.data() + b * N;
+      int64_t* nx = with_repeats ? p.next_slot.data() + b * p.K : nullptr;
       int64_t distinct = 0;
-      for (int64_t j = 0; j < p.valid[b]; ++j) {
+      // Backwards, so that fs[n] ends at the first slot and each slot links to the next one.
+      for (int64_t j = p.valid[b] - 1; j >= 0; --j) {
         const int64_t n = ip[b * p.K + j];
         TORCH_CHECK_VALUE(n >= 0 && n < N, "idx[", b, ", ", j, "] = ", n,
                           " is out of range for N = ", N);
-        if (fs[n] < 0) {
-          fs[n] = j;
-          ++distinct;
-        }
+        if (fs[n] < 0) ++distinct;
+        if (nx != nullptr) nx[j] = fs[n];
+        fs[n] = j;
       }
       p.n_dropped[b] = N - distinct;
     }
@@ -128,14 +133,15 @@ void gather_merge_rows(const Plan& p, const int64_t* idx, const T* x, int64_t xs
   });
 }
 
-// Phase 2 of the backward: every input row is written exactly once (duplicates add afterwards).
+// Phase 2 of the backward: every input row is written exactly once; a row that idx repeats gets
+// the sum of its slots' gradients, accumulated in opmath and rounded once (as the reference).
 template <typename T>
-void gather_merge_backward_rows(const Plan& p, const int64_t* idx, const T* g, int64_t gsb,
-                                int64_t gsn, const acc_of<T>* w, int64_t D, int64_t merge,
-                                T* gx) {
+void gather_merge_backward_rows(const Plan& p, const T* g, int64_t gsb, int64_t gsn,
+                                const acc_of<T>* w, int64_t D, int64_t merge, T* gx) {
   using opmath = acc_of<T>;
   const int64_t n_slices = (D + kSlice - 1) / kSlice;
   at::parallel_for(0, p.B * n_slices, 1, [&](int64_t t0, int64_t t1) {
+    opmath acc[kSlice];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / n_slices;
       const int64_t d0 = (t % n_slices) * kSlice;
@@ -145,11 +151,18 @@ void gather_merge_backward_rows(const Plan& p, const int64_t* idx, const T* g, i
       const int64_t valid = p.valid[b];
       const T* gm = gb + valid * gsn;  // grad of the merged row
       const int64_t* fs = p.first_slot.data() + b * p.N;
+      const int64_t* nx = p.next_slot.data() + b * p.K;
       const opmath cnt = static_cast<opmath>(std::max<int64_t>(p.n_dropped[b], 1));
       for (int64_t n = 0; n < p.N; ++n) {
         T* dst = xb + n * D;
-        if (fs[n] >= 0) {
-          std::memcpy(dst, gb + fs[n] * gsn, len * sizeof(T));
+        const int64_t j0 = fs[n];
+        if (j0 >= 0 && nx[j0] < 0) {
+          std::memcpy(dst, gb + j0 * gsn, len * sizeof(T));
+        } else if (j0 >= 0) {
+          const T* src = gb + j0 * gsn;
+          for (int64_t d = 0; d < len; ++d) acc[d] = static_cast<opmath>(src[d]);
+          for (int64_t j = nx[j0]; j >= 0; j = nx[j]) accumulate(acc, gb + j * gsn, len);
+          for (int64_t d = 0; d < len; ++d) dst[d] = static_cast<T>(acc[d]);
         } else if (merge == kMergeMean) {
           for (int64_t d = 0; d < len; ++d) dst[d] = static_cast<T>(static_cast<opmath>(gm[d]) / cnt);
         } else if (merge == kMergeWeighted) {
@@ -158,15 +171,6 @@ void gather_merge_backward_rows(const Plan& p, const int64_t* idx, const T* g, i
         } else {
           std::memset(dst, 0, len * sizeof(T));
         }
-      }
-      // Repeated indices: later occurrences add their gradient to the row.
-      for (int64_t j = 0; j < valid; ++j) {
-        const int64_t n = idx[b * p.K + j];
-        if (fs[n] == j) continue;
-        T* dst = xb + n * D;
-        const T* src = gb + j * gsn;
-        for (int64_t d = 0; d < len; ++d)
-          dst[d] = static_cast<T>(static_cast<opmath>(dst[d]) + static_cast<opmath>(src[d]));
       }
     }
   });
@@ -193,7 +197,7 @@ at::Tensor gather_merge_cpu(const at::Tensor& tokens_in, const at::Tensor& idx,
   const int64_t B = tokens_in.size(0), N = tokens_in.size(1), D = tokens_in.size(2);
   const int64_t K = idx.size(1);
   auto out = new_output({B, K + (merge != kMergeNone), D}, tokens_in.options());
-  Plan p = plan_from_idx(idx, counts, N);
+  Plan p = plan_from_idx(idx, counts, N, /*with_repeats=*/false);
   if (out.numel() == 0) return out;
   const at::Tensor tokens = unit_inner_stride(tokens_in);
   const at::Tensor ic = idx.contiguous();
@@ -213,14 +217,12 @@ at::Tensor gather_merge_backward_cpu(const at::Tensor& grad_in, const at::Tensor
   check_gather_merge_backward_inputs(grad_in, idx, counts, merge, weights, n_tokens);
   const int64_t B = grad_in.size(0), D = grad_in.size(2);
   auto gx = new_output({B, n_tokens, D}, grad_in.options());
-  Plan p = plan_from_idx(idx, counts, n_tokens);
+  Plan p = plan_from_idx(idx, counts, n_tokens, /*with_repeats=*/true);
   if (gx.numel() == 0) return gx;
   const at::Tensor g = unit_inner_stride(grad_in);
-  const at::Tensor ic = idx.contiguous();
   const at::Tensor wf = opmath_weights(weights, merge, grad_in.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gather_merge_backward_cpu", [&] {
-    gather_merge_backward_rows<scalar_t>(p, ic.data_ptr<int64_t>(), g.data_ptr<scalar_t>(),
-                                         g.stride(0), g.stride(1),
+    gather_merge_backward_rows<scalar_t>(p, g.data_ptr<scalar_t>(), g.stride(0), g.stride(1),
                                          weights_ptr<scalar_t>(wf), D, merge,
                                          gx.data_ptr<scalar_t>());
   });
@@ -243,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor> compress_topk_cpu(const at::Tensor& tokens_in
   const int64_t ssb = scores.stride(0), ssn = scores.stride(1);
   int64_t* ip = idx.data_ptr<int64_t>();
   Plan p{B, N, k, std::vector<int64_t>(B, k), std::vector<int64_t>(B * N, -1),
-         std::vector<int64_t>(B, N - k)};
+         std::vector<int64_t>(B, N - k), {}};
   at::parallel_for(0, B, rows_grain(N), [&](int64_t b0, int64_t b1) {
     std::vector<uint32_t> keys(N), scratch(N);
     for (int64_t b = b0; b < b1; ++b) {

@@ -41,7 +41,7 @@ struct StreamArgs {
   int64_t xsb, xsn;      // batch / row strides of x
   T* out;                // fresh contiguous output, rows of D elements
   int64_t D;
-  const float* w;        // [B, N] fp32 weights (weighted merge) or null
+  const acc_of<T>* w;    // [B, N] weights in the accumulation type (weighted merge) or null
   int N, merge;
   int C, n_slices;       // threads across a slice, slices per image
   int64_t V;             // vectors per row: D / VEC
@@ -68,8 +68,12 @@ __device__ __forceinline__ Lane make_lane(int C, int slice, int64_t V, int vec) 
 
 __device__ __forceinline__ int valid_rows(const int64_t* counts, int b, int K) {
   if (counts == nullptr) return K;
-  const int64_t c = counts[b];  // the Python layer checks the range; never trust it for memory
+  const int64_t c = counts[b];  // clamped for memory safety; a bad count NaN-fills the image
   return c < 0 ? 0 : (c > K ? K : static_cast<int>(c));
+}
+
+__device__ __forceinline__ bool bad_count(const int64_t* counts, int b, int K) {
+  return counts != nullptr && (counts[b] < 0 || counts[b] > K);
 }
 
 template <typename T, int VEC>
@@ -78,6 +82,17 @@ __device__ __forceinline__ Pack<T, VEC> zero_pack() {
 #pragma unroll
   for (int e = 0; e < VEC; ++e) z.v[e] = static_cast<T>(0.0f);
   return z;
+}
+
+// An image with an idx entry outside [0, N) or a count outside [0, K] gets NaN in every row of
+// its output (forward) or gradient (backward): the kernels never read the host to raise.
+template <typename T, int VEC>
+__device__ void fill_nan_rows(T* base, int64_t D, int rows, const Lane& l) {
+  Pack<T, VEC> nan;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) nan.v[e] = static_cast<T>(__int_as_float(0x7fc00000));
+  for (int j = l.g; j < rows; j += l.R)
+    if (l.active) cuda::store_pack(base + static_cast<int64_t>(j) * D, nan);
 }
 
 // One image's slice of the forward output: rows j < n_copy copy x[src(j)] (src < 0: zeros), row
@@ -109,7 +124,7 @@ __device__ void stream_rows(const StreamArgs<T>& a, int b, const Lane& l, int n_
     acc_t acc[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[e] = acc_t(0);
-    const float* wb = a.w != nullptr ? a.w + static_cast<int64_t>(b) * a.N : nullptr;
+    const acc_t* wb = a.w != nullptr ? a.w + static_cast<int64_t>(b) * a.N : nullptr;
     for (int n0 = l.g; n0 < a.N; n0 += l.R * kUnroll) {
       P p[kUnroll];
       bool take[kUnroll];
@@ -208,30 +223,41 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int N = a.N, words = (N + 31) >> 5;
   const int64_t* ib = idx + static_cast<int64_t>(b) * K;
   const int valid = valid_rows(counts, b, K);
+  const int rows_out = K + (a.merge != kMergeNone);
+  const Lane l = make_lane(a.C, slice, a.V, VEC);
   for (int w = threadIdx.x; w < words; w += blockDim.x) bits[w] = 0u;
   __syncthreads();
+  int bad = bad_count(counts, b, K);
   for (int j = threadIdx.x; j < valid; j += blockDim.x) {
     const int64_t n = ib[j];
-    if (n >= 0 && n < N) atomicOr(&bits[n >> 5], 1u << (n & 31));
+    if (n >= 0 && n < N)
+      atomicOr(&bits[n >> 5], 1u << (n & 31));
+    else
+      bad = 1;
   }
-  __syncthreads();
+  if (__syncthreads_or(bad)) {  // block-uniform: the whole block leaves
+    fill_nan_rows<T, VEC>(a.out + static_cast<int64_t>(b) * rows_out * a.D + l.col, a.D, rows_out, l);
+    return;
+  }
   uint32_t referenced = 0;
   for (int w = threadIdx.x; w < words; w += blockDim.x) referenced += __popc(bits[w]);
   referenced = cuda::block_sum(referenced, red32);
-  const Lane l = make_lane(a.C, slice, a.V, VEC);
   stream_rows<T, VEC>(
-      a, b, l, valid, K + (a.merge != kMergeNone),
-      [&](int j) {
-        const int64_t n = ib[j];
-        return (n >= 0 && n < N) ? static_cast<int>(n) : -1;  // out of range: zero row
-      },
+      a, b, l, valid, rows_out,
+      [&](int j) { return static_cast<int>(ib[j]); },  // in [0, N): checked above
       [&](int n) { return ((bits[n >> 5] >> (n & 31)) & 1u) == 0u; },
       N - static_cast<int>(referenced), red);
 }
 
+// first[n] of the backward: the first valid slot referencing row n, kRepeated set when later
+// slots reference it too; INT_MAX when none (K < 2^30, checked on the host).
+constexpr int kRepeated = 1 << 30;
+constexpr int kSlotMask = kRepeated - 1;
+
 // a.x = grad_out [B, K + (merge != none), D], a.out = grad_tokens [B, N, D]. Every grad row is
-// written once by the thread owning (n mod R, column); that same thread then adds the gradients
-// of repeated idx entries in j order, so no barrier or atomic is needed between the two steps.
+// written once by the thread owning (n mod R, column): a row referenced once copies its slot's
+// gradient; a repeated row is written after the main loop by the same thread, as the sum of its
+// slots' gradients in acc_t, rounded once (as the reference).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     gather_merge_backward_kernel(StreamArgs<T> a, const int64_t* __restrict__ idx, int K,
@@ -244,26 +270,38 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int N = a.N;
   const int64_t* ib = idx + static_cast<int64_t>(b) * K;
   const int valid = valid_rows(counts, b, K);
+  const Lane l = make_lane(a.C, slice, a.V, VEC);
+  const T* gb = a.x + b * a.xsb + l.col;
+  T* xb = a.out + static_cast<int64_t>(b) * N * a.D + l.col;
   for (int n = threadIdx.x; n < N; n += blockDim.x) first[n] = INT_MAX;
   __syncthreads();
-  uint32_t in_range = 0;
+  int bad = bad_count(counts, b, K);
   for (int j = threadIdx.x; j < valid; j += blockDim.x) {
     const int64_t n = ib[j];
-    if (n >= 0 && n < N) {
+    if (n >= 0 && n < N)
       atomicMin(&first[n], j);
-      ++in_range;
+    else
+      bad = 1;
+  }
+  if (__syncthreads_or(bad)) {  // block-uniform: the whole block leaves
+    fill_nan_rows<T, VEC>(xb, a.D, N, l);
+    return;
+  }
+  uint32_t repeats = 0;  // slots that are not their row's first
+  for (int j = threadIdx.x; j < valid; j += blockDim.x) {
+    const int n = static_cast<int>(ib[j]);
+    if ((first[n] & kSlotMask) != j) {  // only the flag bit changes concurrently
+      atomicOr(&first[n], kRepeated);
+      ++repeats;
     }
   }
   __syncthreads();
   uint32_t distinct = 0;
   for (int n = threadIdx.x; n < N; n += blockDim.x) distinct += first[n] != INT_MAX;
   distinct = cuda::block_sum(distinct, red32);
-  in_range = cuda::block_sum(in_range, red32);
+  repeats = cuda::block_sum(repeats, red32);
   const int n_dropped = N - static_cast<int>(distinct);
 
-  const Lane l = make_lane(a.C, slice, a.V, VEC);
-  const T* gb = a.x + b * a.xsb + l.col;
-  T* xb = a.out + static_cast<int64_t>(b) * N * a.D + l.col;
   const P zero = zero_pack<T, VEC>();
   acc_t gm[VEC];  // gradient of the merged row
   P mean_grad = zero;
@@ -278,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       mean_grad.v[e] = static_cast<T>(gm[e] / cnt);
     }
   }
-  const float* wb = a.w != nullptr ? a.w + static_cast<int64_t>(b) * N : nullptr;
+  const acc_t* wb = a.w != nullptr ? a.w + static_cast<int64_t>(b) * N : nullptr;
   for (int n0 = l.g; n0 < N; n0 += l.R * kUnroll) {
     P p[kUnroll];
     int f[kUnroll];
@@ -286,7 +324,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     for (int u = 0; u < kUnroll; ++u) {
       const int n = n0 + u * l.R;
       f[u] = (l.active && n < N) ? first[n] : INT_MAX;
-      if (f[u] != INT_MAX) p[u] = cuda::load_stream<T, VEC>(gb + f[u] * a.xsn);
+      if (f[u] != INT_MAX && !(f[u] & kRepeated)) p[u] = cuda::load_stream<T, VEC>(gb + f[u] * a.xsn);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -294,7 +332,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       if (!l.active || n >= N) continue;
       P v;
       if (f[u] != INT_MAX) {
-        v = p[u];  // kept: the gradient of its first slot
+        if (f[u] & kRepeated) continue;  // written below
+        v = p[u];  // kept once: the gradient of its slot
       } else if (a.merge == kMergeMean) {
         v = mean_grad;
       } else if (a.merge == kMergeWeighted) {
@@ -307,27 +346,35 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       cuda::store_pack(xb + n * a.D, v);
     }
   }
-  if (in_range > distinct && l.active) {  // repeated indices: later slots add their gradient
+  if (repeats > 0 && l.active) {  // repeated rows: the sum over their slots, in j order
     for (int j = 0; j < valid; ++j) {
-      const int64_t n = ib[j];
-      if (n < 0 || n >= N || static_cast<int>(n) % l.R != l.g || first[n] == j) continue;
-      T* dst = xb + n * a.D;
-      P d = cuda::load_plain<T, VEC>(dst);
-      const P g = cuda::load_stream<T, VEC>(gb + j * a.xsn);
+      const int n = static_cast<int>(ib[j]);
+      if (n % l.R != l.g || first[n] != (j | kRepeated)) continue;  // a repeated row's first slot
+      acc_t sum[VEC];
+      const P g0 = cuda::load_stream<T, VEC>(gb + j * a.xsn);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e)
-        d.v[e] = static_cast<T>(
-            cuda::add_rn(static_cast<acc_t>(d.v[e]), static_cast<acc_t>(g.v[e])));
-      cuda::store_pack(dst, d);
+      for (int e = 0; e < VEC; ++e) sum[e] = static_cast<acc_t>(g0.v[e]);
+      for (int j2 = j + 1; j2 < valid; ++j2) {
+        if (ib[j2] != n) continue;
+        const P g = cuda::load_stream<T, VEC>(gb + j2 * a.xsn);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) sum[e] = cuda::add_rn(sum[e], static_cast<acc_t>(g.v[e]));
+      }
+      P v;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) v.v[e] = static_cast<T>(sum[e]);
+      cuda::store_pack(xb + static_cast<int64_t>(n) * a.D, v);
     }
   }
 }
 
 // ---- host side
 
-at::Tensor float_weights(const std::optional<at::Tensor>& weights, int64_t merge) {
+// Weights in the accumulation type of the tokens (fp64 for fp64 tokens, else fp32), as on the CPU.
+at::Tensor opmath_weights(const std::optional<at::Tensor>& weights, int64_t merge,
+                          at::ScalarType tokens_dtype) {
   if (merge != kMergeWeighted) return at::Tensor();
-  return weights->to(at::kFloat).contiguous();
+  return weights->to(tokens_dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
 void check_int_range(int64_t v, const char* what) {
@@ -347,7 +394,7 @@ StreamArgs<T> stream_args(const at::Tensor& x, const at::Tensor& out, const at::
   a.xsn = x.size(1) > 1 ? x.stride(1) : 0;
   a.out = out.data_ptr<T>();
   a.D = x.size(2);
-  a.w = wf.defined() ? wf.data_ptr<float>() : nullptr;
+  a.w = wf.defined() ? wf.data_ptr<acc_of<T>>() : nullptr;
   a.N = static_cast<int>(n);
   a.merge = static_cast<int>(merge);
   *vec = a.D % kVec == 0 && a.xsb % kVec == 0 && a.xsn % kVec == 0 &&
@@ -398,7 +445,7 @@ at::Tensor gather_merge_cuda(const at::Tensor& tokens_in, const at::Tensor& idx,
   const at::Tensor tokens = unit_inner_stride(tokens_in);
   const at::Tensor ic = idx.contiguous();
   const at::Tensor cc = counts.has_value() ? counts->contiguous() : at::Tensor();
-  const at::Tensor wf = float_weights(weights, merge);
+  const at::Tensor wf = opmath_weights(weights, merge, tokens_in.scalar_type());
   const size_t smem = static_cast<size_t>((N + 31) / 32) * sizeof(uint32_t);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "gather_merge_cuda", [&] {
     bool vec;
@@ -416,14 +463,14 @@ at::Tensor gather_merge_backward_cuda(const at::Tensor& grad_in, const at::Tenso
   check_cuda_tensor(grad_in, "grad_out");
   const int64_t B = grad_in.size(0), D = grad_in.size(2), K = idx.size(1);
   check_int_range(n_tokens, "n_tokens");
-  check_int_range(K, "K");
+  TORCH_CHECK_VALUE(K < kRepeated, "idx: K = ", K, " is too large for the cuda backend");
   const c10::cuda::CUDAGuard guard(grad_in.device());
   auto gx = new_output({B, n_tokens, D}, grad_in.options());
   if (gx.numel() == 0) return gx;
   const at::Tensor g = unit_inner_stride(grad_in);
   const at::Tensor ic = idx.contiguous();
   const at::Tensor cc = counts.has_value() ? counts->contiguous() : at::Tensor();
-  const at::Tensor wf = float_weights(weights, merge);
+  const at::Tensor wf = opmath_weights(weights, merge, grad_in.scalar_type());
   const size_t smem = static_cast<size_t>(n_tokens) * sizeof(int);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gather_merge_backward_cuda", [&] {
     bool vec;
@@ -450,7 +497,7 @@ std::tuple<at::Tensor, at::Tensor> compress_topk_cuda(const at::Tensor& tokens_i
   // D == 0 with k > 0 still runs (one slice, no columns) to produce idx.
   const at::Tensor scores = scores_as_float(scores_in);
   const at::Tensor tokens = unit_inner_stride(tokens_in);
-  const at::Tensor wf = float_weights(weights, merge);
+  const at::Tensor wf = opmath_weights(weights, merge, tokens_in.scalar_type());
   const size_t smem = static_cast<size_t>(N + (N + 31) / 32) * sizeof(uint32_t);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "compress_topk_cuda", [&] {
     bool vec;

@@ -180,6 +180,21 @@ void test_gather_merge_and_backward() {
   }
 }
 
+// A row that idx repeats sums its slots' gradients in fp32 and rounds once: bf16 grads 1, 2^-8,
+// -1 give 2^-8 (rounding after each addition gives 0). N = 0 with counts 0: zero merged row.
+void test_gather_merge_repeated_rows_and_no_tokens() {
+  at::Tensor idx = at::tensor({int64_t(1), int64_t(1), int64_t(1)}, at::kLong).view({1, 3});
+  at::Tensor grad_out = at::tensor({1.0f, 1.0f / 256, -1.0f}).view({1, 3, 1}).to(at::kBFloat16);
+  at::Tensor grad = epic::gather_merge_backward_cpu(grad_out, idx, std::nullopt, 0, std::nullopt, 2);
+  EXPECT(grad[0][1][0].item<float>() == 1.0f / 256, "repeated row grad %g", grad[0][1][0].item<float>());
+  EXPECT(grad[0][0][0].item<float>() == 0.0f, "unreferenced row grad");
+  at::Tensor none = at::randn({2, 0, 3});
+  at::Tensor out = epic::gather_merge_cpu(none, at::full({2, 2}, -1, at::kLong),
+                                          at::zeros({2}, at::kLong), 1, std::nullopt);
+  EXPECT(out.sizes() == at::IntArrayRef({2, 3, 3}) && at::equal(out, at::zeros({2, 3, 3})),
+         "N = 0 gives zeros");
+}
+
 void test_compress_matches_parts() {
   at::manual_seed(3);
   at::Tensor tokens = at::randn({3, 577, 33}).to(at::kBFloat16);
@@ -225,6 +240,7 @@ int main() {
   test_select_topk();
   test_iqr_select();
   test_gather_merge_and_backward();
+  test_gather_merge_repeated_rows_and_no_tokens();
   test_compress_matches_parts();
   test_errors();
   std::printf("%d checks, %d failures\n", g_checks, g_failures);

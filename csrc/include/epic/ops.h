@@ -12,8 +12,12 @@
 //   gather_merge(tokens[B,N,D], idx[B,K], counts[B]?, merge, weights[B,N]?)
 //       -> out[B, K + (merge != none), D]: rows j < counts[b] (all K if counts is absent) copy
 //       tokens[b, idx[b,j]]; the next row is the merge of the rows not referenced by a valid idx
-//       (mean, or sum of weights[b,n] * x); the rest is zero.
-//   gather_merge_backward(grad_out, idx, counts?, merge, weights?, N) -> grad_tokens[B,N,D].
+//       (mean, or sum of weights[b,n] * x); the rest is zero. A valid idx entry outside [0, N) or
+//       counts[b] outside [0, K]: the CPU entry raises ValueError; the CUDA entry (no host read)
+//       writes NaN to every output row of image b. N = 0 with counts 0: the merged row is zero.
+//   gather_merge_backward(grad_out, idx, counts?, merge, weights?, N) -> grad_tokens[B,N,D]: a
+//       repeated row gets the sum of its slots' gradients, accumulated in acc_of<T> and rounded
+//       once; bad indices as in the forward (CUDA: every gradient row of image b is NaN).
 //   compress_topk(tokens, scores, k, merge, weights?) -> (out, idx): select_topk + gather_merge in
 //       one kernel.
 //   kl_div(student[T,V], teacher[T,V], row_mask[T]?, temperature, reduction, reverse, compute_grad,
