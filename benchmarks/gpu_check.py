@@ -58,7 +58,7 @@ GPU_TEST_PATHS = ["tests/gpu", "tests/test_ops.py", "tests/test_kl.py",
 BENCH_COMMON = ["--budget", "0.2", "--max-reps", "50", "--no-compile"]
 PRESETS = {
     "compress": ["--shapes", "64x576x4096x128;16x576x4096x128;64x2880x4096x192", "--dtypes", "bf16"],
-    "kl": ["--family", "all", "--quick", "--dtypes", "bf16"],
+    "kl": ["--family", "all", "--quick", "--dtypes", "bf16", "--shapes", "T=8192,V=128256"],
     "attn_scores": ["--quick"],
     "iqr": ["--quick"],
 }
@@ -79,8 +79,9 @@ GOALS = [
 # --------------------------------------------------------------------------------------------
 
 class Step:
-    def __init__(self, name, argv, limit_s, env=None, needs_build=True, why=""):
+    def __init__(self, name, argv, limit_s, env=None, needs_build=True, why="", estimate_s=None):
         self.name, self.argv, self.limit_s = name, argv, limit_s
+        self.estimate_s = estimate_s  # expected seconds on an H100 / H200 (a planning figure)
         self.env, self.needs_build, self.why = env or {}, needs_build, why
         self.status, self.seconds, self.note = "not run", 0.0, ""
 
@@ -93,30 +94,36 @@ def steps(python: str) -> list[Step]:
     py = [python]
     cores = str(os.cpu_count() or 2)
     out = [
-        Step("build", py + ["setup.py", "build_ext", "--inplace"], 330,
+        Step("build", py + ["setup.py", "build_ext", "--inplace"], 450,
              {"EPIC_EXT_CUDA": "1", "MAX_JOBS": cores}, needs_build=False,
-             why="the extension with its CUDA kernels (fails loudly without them)"),
+             why="the extension with its CUDA kernels (fails loudly without them); bound by the "
+                 "slowest .cu file (up to ~9 min each on this project's 2-core CPU VM)",
+             estimate_s=240),
         Step("liger", py + ["-m", "pip", "install", "-q", "--no-index", "--no-deps",
                             "--no-compile", "--target", str(PYSITE.relative_to(ROOT))]
              + [str(p.relative_to(ROOT)) for p in sorted(WHEELS.glob("liger_kernel-*.whl"))],
-             60, needs_build=False, why="Liger-Kernel (the KL baseline) from build/wheels"),
+             60, needs_build=False, why="Liger-Kernel (the KL baseline) from build/wheels",
+             estimate_s=5),
         Step("goals", py + ["-m", "benchmarks.gpu_check", "--goals",
                             "--goals-json", str(LOG_DIR / "goals.json")], 120,
-             why="the GPU goals, measured"),
+             why="the GPU goals, measured", estimate_s=45),
         Step("test-gpu", py + ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                                "-rfE", "--durations=8"] + GPU_TEST_PATHS, 200,
-             {"EPIC_EXT_TEST_GPU": "1"}, why="kernel tests, compiled Triton + CUDA, GPU sizes"),
+             {"EPIC_EXT_TEST_GPU": "1"}, why="kernel tests, compiled Triton + CUDA, GPU sizes",
+             estimate_s=90),
     ]
     for bench, args in PRESETS.items():
         out.append(Step(f"bench-{bench}", py + ["-m", f"benchmarks.bench_{bench}"] + BENCH_COMMON
-                        + args, 150 if bench == "kl" else 60, why="benchmark at GPU sizes"))
+                        + args, 120 if bench == "kl" else 60, why="benchmark at GPU sizes",
+                        estimate_s={"kl": 35, "compress": 15, "attn_scores": 20}.get(bench, 10)))
     out.append(Step("report", py + ["-m", "benchmarks.report", "--device", "cuda"], 60,
-                    why="merged table and summary plot"))
+                    why="merged table and summary plot", estimate_s=10))
     out.append(Step("memcheck", ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
                                  "--print-limit", "20"]
                     + py + ["-m", "benchmarks.gpu_check", "--memcheck-subset"], 150,
                     {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
-                    why="compute-sanitizer memcheck, short subset (each tensor its own allocation)"))
+                    why="compute-sanitizer memcheck, short subset (each tensor its own allocation)",
+                    estimate_s=60))
     return out
 
 
@@ -410,11 +417,14 @@ def _gpu_name() -> str | None:
 
 
 def list_steps(plan: list[Step], skip: set[str]) -> str:
-    lines = [f"{'step':<18} {'limit':>6}  command"]
+    lines = [f"{'step':<18} {'limit':>6} {'est.':>5}  command"]
     for s in plan:
         mark = " (skipped: --skip)" if s.name in skip else ""
-        lines.append(f"{s.name:<18} {s.limit_s:>5}s  {s.command()}{mark}")
-        lines.append(f"{'':<27} {s.why}")
+        est = f"{s.estimate_s}s" if s.estimate_s else "-"
+        lines.append(f"{s.name:<18} {s.limit_s:>5}s {est:>5}  {s.command()}{mark}")
+        lines.append(f"{'':<33} {s.why}")
+    total = sum(s.estimate_s or 0 for s in plan if s.name not in skip)
+    lines.append(f"estimated total {total} s on an H100 / H200 (the build is the uncertain part)")
     return "\n".join(lines)
 
 
