@@ -26,7 +26,8 @@ def acc_coeff(dtype: torch.dtype) -> float:
 
 
 def close(actual: torch.Tensor, exact: torch.Tensor, cond: torch.Tensor, dtype: torch.dtype,
-          torch_err: float | None = None, acc_dtype: torch.dtype | None = None) -> str | None:
+          torch_err: float | None = None, acc_dtype: torch.dtype | None = None,
+          extra: torch.Tensor | None = None) -> str | None:
     """None if `actual` matches the fp64 `exact`, else a description of the worst element.
 
     NaN must be NaN, +-inf the same inf. A finite element passes when
@@ -35,7 +36,9 @@ def close(actual: torch.Tensor, exact: torch.Tensor, cond: torch.Tensor, dtype: 
     tiny: the larger of the dtype's smallest subnormal and the accumulation type's smallest normal),
     or, when `torch_err` is given (the max error of PyTorch's own computation in the same dtype),
     when the max error is at most 2 * torch_err (the flash-attention numerics contract).
-    An exact value beyond the dtype's range may come out as the same-signed inf."""
+    An exact value beyond the dtype's range may come out as the same-signed inf. `extra`: an
+    absolute allowance added to the bound (first-order effect of inputs the op rounds to the
+    dtype on the way, e.g. fused_linear_kl's logits)."""
     a = actual.detach().to("cpu", F64)
     e = exact.detach().to("cpu", F64)
     c = cond.detach().to("cpu", F64).expand_as(e) if cond is not None else torch.zeros_like(e)
@@ -60,6 +63,8 @@ def close(actual: torch.Tensor, exact: torch.Tensor, cond: torch.Tensor, dtype: 
     tiny = 4 * max(fin.smallest_normal * fin.eps, acc_fin.smallest_normal)
     err = (a - e).abs()
     bound = RTOL[dtype] * e.abs() + acc * c + tiny
+    if extra is not None:
+        bound = bound + extra.detach().to("cpu", F64).expand_as(e)
     ok |= finite & (err <= bound)
     # Beyond the output dtype's range: the rounded result may be inf.
     ok |= finite & (e.abs() > fin.max * (1 - RTOL[dtype])) & torch.isinf(a) & (a.sign() == e.sign())
@@ -73,6 +78,7 @@ def close(actual: torch.Tensor, exact: torch.Tensor, cond: torch.Tensor, dtype: 
     bad = (~ok).nonzero()
     where = tuple(bad[0].tolist())
     excess = torch.where(ok, torch.zeros_like(err), err / bound.clamp(min=1e-300))
+    excess = torch.nan_to_num(excess, nan=math.inf)  # inf expected, finite got: inf / inf
     worst = tuple((excess == excess.max()).nonzero()[0].tolist())
     extra = f", PyTorch's own {dtype} error {torch_err:.3g}" if torch_err is not None else ""
     return (f"{len(bad)} of {a.numel()} elements off; worst at {list(worst)}: "
@@ -122,10 +128,11 @@ def resolve_k(k, n: int) -> int:
     return k
 
 
-def _fence_band(values: torch.Tensor, whisker: float) -> tuple[float, float] | None:
+def _fence_band(values: torch.Tensor, whisker: float, ftz: bool) -> tuple[float, float] | None:
     """(fence - eps, fence + eps) of Q3 + whisker (Q3 - Q1) with torch.quantile's linear
     quantiles over the non-NaN values, in fp64; eps covers the kernels' fp32 arithmetic (0 when
-    Q1 == Q3, where it is exact). None when the fence is NaN (no number, or inf - inf)."""
+    Q1 == Q3, where it is exact), including subnormal steps (flushed to zero when ftz, as GPU
+    code may). None when the fence is NaN (no number, or inf - inf)."""
     v = values.reshape(-1)
     v = v[~torch.isnan(v)]
     if v.numel() == 0:
@@ -137,12 +144,12 @@ def _fence_band(values: torch.Tensor, whisker: float) -> tuple[float, float] | N
         return None
     if math.isinf(fence) or q1 == q3:
         return fence, fence
-    eps = 2.0 ** -20 * (1 + whisker) * (abs(q1) + abs(q3))
+    eps = 2.0 ** -20 * (1 + whisker) * (abs(q1) + abs(q3)) + (2.0 ** -124 if ftz else 2.0 ** -146)
     return fence - eps, fence + eps
 
 
 def iqr_count_bands(scores: torch.Tensor, whisker: float, pooled: bool,
-                    max_k: int | None) -> list[tuple[int, int]]:
+                    max_k: int | None, ftz: bool = False) -> list[tuple[int, int]]:
     """Per image the [lowest, highest] count the IQR rule allows given the fence's rounding:
     #{scores > fence} per image, or floor(#{all scores > fence} / B) pooled; capped by max_k."""
     x = scores.detach().cpu().float().double()
@@ -151,7 +158,7 @@ def iqr_count_bands(scores: torch.Tensor, whisker: float, pooled: bool,
         return []
 
     def count_band(vals):
-        band = _fence_band(vals, whisker)
+        band = _fence_band(vals, whisker, ftz)
         if band is None:
             return 0, 0
         lo_f, hi_f = band
@@ -271,8 +278,9 @@ def undefined_rows(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 def kl_terms(student: torch.Tensor, teacher: torch.Tensor, tau: float, reverse: bool):
     """Per-row tau^2 KL(p_t || p_s) (reverse: KL(p_s || p_t)), p = softmax(logits / tau), in
     fp64; terms with target probability 0 contribute 0; undefined rows NaN. Also returns the
-    per-row condition and the gradient w.r.t. the student logits of each row's loss:
-    forward tau (p_s - p_t), reverse tau p_s (log p_s - log p_t - KL / tau^2)."""
+    per-row condition, the gradient w.r.t. the student logits of each row's loss (forward
+    tau (p_s - p_t), reverse tau p_s (log p_s - log p_t - KL / tau^2)), its condition, and its
+    sensitivity to the logits (sum over w of |d grad_v / d logit_w|, times tau)."""
     s = student.detach().cpu().to(F64)
     t = teacher.detach().cpu().to(F64)
     undefined = undefined_rows(s, t)
@@ -296,18 +304,24 @@ def kl_terms(student: torch.Tensor, teacher: torch.Tensor, tau: float, reverse: 
     size = (1 + (max_finite(s0) + max_finite(t0)) / tau).unsqueeze(-1)
     cond = mag * tau * tau * size.squeeze(-1)
     if reverse:
-        grad = torch.where(p_s > 0, p_s * (log_s - log_t - kl_raw.unsqueeze(-1)),
-                           torch.zeros_like(p_s))
-        gcond = p_s * (log_s.abs() + log_t.abs() + kl_raw.abs().unsqueeze(-1) + 1)
+        a = torch.where(p_s > 0, log_s - log_t - kl_raw.unsqueeze(-1), torch.zeros_like(p_s))
+        grad = p_s * a
+        gcond = torch.where(p_s > 0, p_s * (log_s.abs() + log_t.abs() + kl_raw.abs().unsqueeze(-1)
+                                            + 1), torch.zeros_like(p_s))
+        # sum_w |d grad_v / d logit_w| (student and teacher) per unit of logit change
+        gsens = p_s * (2 * a.abs() + 6 + (p_s * a.abs()).sum(-1, keepdim=True))
     else:
         grad = p_s - p_t
         gcond = p_s + p_t
+        gsens = 2 * (p_s + p_t)
     grad = grad * tau
-    gcond = gcond * tau * size
+    # + an absolute floor far below the row's scale: probabilities under ~1e-36 may underflow in
+    # fp32 exp implementations.
+    gcond = gcond * tau * size + tau * 2.0 ** -100
     nan = torch.full_like(loss, float("nan"))
     loss = torch.where(undefined, nan, loss)
     grad = torch.where(undefined.unsqueeze(-1), torch.full_like(grad, float("nan")), grad)
-    return loss, cond, grad, gcond
+    return loss, cond, grad, gcond, gsens
 
 
 def kl_reduce(loss_rows, cond_rows, grad_rows, gcond_rows, row_mask, reduction: str, V: int,
