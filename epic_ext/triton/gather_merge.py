@@ -60,6 +60,8 @@ def _configs():
 # Autotuning keys on power-of-two buckets of the sizes, never on the exact N, K or D:
 # compress(k="iqr") changes K with every batch, and each new key re-benchmarks every config
 # (host syncs, about a second).
+# K is also left unspecialised (do_not_specialize): no recompile when K becomes 1 or a
+# multiple of 16.
 _KEY = ["B_KEY", "N_KEY", "K_KEY", "D_KEY", "MERGE"]
 
 
@@ -142,7 +144,7 @@ def _plan_kernel(idx_ptr, counts_ptr, first_ptr, mult_ptr, ndrop_ptr, ndup_ptr, 
 
 
 @triton.autotune(configs=_configs(), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _gather_merge_kernel(x_ptr, idx_ptr, counts_ptr, w_ptr, first_ptr, ndrop_ptr, out_ptr,
                          N, K, D, x_sb, x_sn, x_sd, idx_sb, w_sb, w_sn, out_sb, out_sk,
                          B_KEY, N_KEY, K_KEY, D_KEY,
@@ -194,7 +196,7 @@ def _gather_merge_kernel(x_ptr, idx_ptr, counts_ptr, w_ptr, first_ptr, ndrop_ptr
 
 
 @triton.autotune(configs=_configs(), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _gather_merge_bwd_kernel(g_ptr, idx_ptr, counts_ptr, w_ptr, first_ptr, mult_ptr, ndrop_ptr,
                              ndup_ptr, duprow_ptr, gx_ptr, N, K, D, g_sb, g_sk, g_sd, idx_sb,
                              w_sb, w_sn, gx_sb, gx_sn, B_KEY, N_KEY, K_KEY, D_KEY,
@@ -244,7 +246,7 @@ def _gather_merge_bwd_kernel(g_ptr, idx_ptr, counts_ptr, w_ptr, first_ptr, mult_
 
 
 @triton.autotune(configs=_configs(), key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _compress_kernel(x_ptr, w_ptr, out_ptr, slot_ptr, N, K, D, x_sb, x_sn, x_sd, w_sb, w_sn,
                      out_sb, out_sk, B_KEY, N_KEY, K_KEY, D_KEY,
                      MERGE: tl.constexpr, ACC: tl.constexpr,
