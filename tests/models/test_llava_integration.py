@@ -393,3 +393,23 @@ def test_apply_rejects_what_the_forward_cannot_run(model):
     finally:
         model.config.vision_feature_layer = -2
     assert applied_method(model) is None
+
+
+def test_decode_steps_without_position_ids_follow_generate(model):
+    # A hand-written decode loop that passes only the growing attention mask numbers positions
+    # as generate() does (the cache keeps the prompt's renumbering shift).
+    ids, mask, px = _inputs(model, 2, seed=7)
+    apply(model, "dart", keep=48, layer=2)
+    try:
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=3,
+                                 do_sample=False)
+            out = model(input_ids=ids, pixel_values=px, attention_mask=mask, use_cache=True)
+            seq, m, cache = ids, mask, out.past_key_values
+            for _ in range(3):
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+                out = model(input_ids=nxt, attention_mask=m, past_key_values=cache, use_cache=True)
+        assert torch.equal(seq, gen)
+    finally:
+        revert(model)
