@@ -53,8 +53,9 @@ test: test-cpp test-python
 GPU_PY = $(if $(wildcard $(VENV)/bin/python),$(PY),$(PYTHON))
 GPU_TESTS := tests/gpu tests/test_ops.py tests/test_kl.py tests/test_attn_scores.py tests/test_backend.py
 
-test-gpu: $(if $(wildcard $(VENV)/.deps),build)
+test-gpu:
 	@$(GPU_PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA device is visible (make test runs the CPU suite)')"
+	$(if $(wildcard $(VENV)/.deps),$(MAKE) build)
 	EPIC_EXT_TEST_GPU=1 $(GPU_PY) -m pytest $(GPU_TESTS) $(PYTEST_ARGS)
 
 gpu-check:
