@@ -229,9 +229,16 @@ def case_select_topk(rng, gen, name, dev, interp, desc):
     scores, kind = make_scores(rng, gen, B, N, dtype)
     layout = rng.choice(LAYOUTS)
     k = pick_k(rng, N)
-    desc.update(B=B, N=N, dtype=str(dtype), scores=kind, layout=layout, k=k)
+    policy = rng.choice(["lowest"] * 4 + ["raise"])
+    desc.update(B=B, N=N, dtype=str(dtype), scores=kind, layout=layout, k=k, nan_policy=policy)
     x = to_input(scores, dev, layout)
-    got = call(lambda: epic_ext.select_topk(x, k, backend=name)).cpu()
+    if policy == "raise" and bool(torch.isnan(scores).any()):
+        try:
+            call(lambda: epic_ext.select_topk(x, k, nan_policy=policy, backend=name))
+        except ValueError as e:
+            return None if "NaN" in str(e) else f"ValueError without 'NaN': {e}"
+        return "NaN scores accepted with nan_policy='raise'"
+    got = call(lambda: epic_ext.select_topk(x, k, nan_policy=policy, backend=name)).cpu()
     exp = O.topk(x, O.resolve_k(k, N))
     if got.shape != exp.shape:
         return f"shape {tuple(got.shape)} != {tuple(exp.shape)}"
@@ -501,6 +508,12 @@ def test_gather_merge_has_check_keyword():
     assert HAS_CHECK_KW, "epic_ext.gather_merge has no `check` keyword (D1)"
 
 
+def test_kl_div_has_nan_policy_keyword():
+    """D3: kl_div(..., nan_policy="propagate" | "raise")."""
+    assert "nan_policy" in inspect.signature(epic_ext.kl_div).parameters, \
+        "epic_ext.kl_div has no `nan_policy` keyword (D3)"
+
+
 # --------------------------------------------------------------------------- compress
 
 def case_compress(rng, gen, name, dev, interp, desc):
@@ -574,6 +587,7 @@ def test_fuzz_compress(request, backend):
 
 # --------------------------------------------------------------------------- kl_div
 
+HAS_KL_NAN_POLICY = "nan_policy" in inspect.signature(epic_ext.kl_div).parameters
 INVALID_TEMPERATURES = [0.0, -1.0, float("nan"), float("inf"), 1e-320, 1e-300, 1e-20, 2e19, 1e39,
                         1e300]
 
@@ -661,9 +675,12 @@ def case_kl_div(rng, gen, name, dev, interp, desc):
     grad = rng.random() < 0.7
     layout = rng.choice(LAYOUTS)
     inplace = grad and layout == "contiguous" and rng.random() < 0.3
+    policy = rng.choice(["propagate"] * 3 + ["raise"]) if HAS_KL_NAN_POLICY else None
+    if policy is not None:
+        kw["nan_policy"] = policy
     desc.update(lead=lead, V=V, dtype=str(dtype), logits=ldesc, reduction=reduction,
                 direction=direction, temperature=tau, rows=rdesc, grad=grad, layout=layout,
-                inplace=inplace)
+                inplace=inplace, nan_policy=policy)
     s_in = to_input(s, dev, layout, grad)
     if inplace:
         s_in = s.to(dev).clone().requires_grad_()
@@ -681,10 +698,16 @@ def case_kl_div(rng, gen, name, dev, interp, desc):
         except ValueError as e:
             return None if "temperature" in str(e) else f"ValueError without 'temperature': {e}"
         return f"temperature={tau} accepted (D3: ValueError naming temperature)"
-    loss = call(run)
     T = row_mask.numel()
     lrows, lcond, grows, gcond, _ = O.kl_terms(s_vals.reshape(T, V), t_vals.reshape(T, V), tau,
                                                direction == "reverse")
+    if policy == "raise" and bool(torch.isnan(lrows[row_mask]).any()):
+        try:
+            call(run)
+        except ValueError as e:   # D3: names the input
+            return None if "logits" in str(e) else f"ValueError not naming the input: {e}"
+        return "NaN loss with nan_policy='raise' did not raise"
+    loss = call(run)
     if reduction == "none":
         grad_loss = torch.rand(lead, generator=gen, dtype=F64).to(F32) + 0.5
     else:
