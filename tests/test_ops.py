@@ -175,6 +175,7 @@ def test_gather_merge_backward_repeated_idx_rounds_once(backend, dtype, merge, p
 BAD_INDEX_CASES = {
     "idx_at_N": ([[3, 0, -1], [1, 7, 2]], [2, 3]),
     "idx_negative": ([[3, 0, -1], [1, -1, 2]], [2, 2]),
+    "idx_at_N_repeated": ([[3, 0, -1], [2, 2, 7]], [2, 3]),
     "counts_above_K": ([[3, 0, -1], [1, 2, 3]], [2, 4]),
     "counts_negative": ([[3, 0, -1], [1, 2, 3]], [2, -1]),
 }
