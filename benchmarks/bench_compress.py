@@ -7,6 +7,11 @@ freshly allocated [B, k+1, D] tensor, exactly as a user calls it):
   ours-<b>    epic_ext.compress(tokens, scores, k, merge="mean", backend=<b>) for every compiled
               backend that runs the device's tensors (cpu on a CPU; cuda and triton on a GPU)
 
+Per-call rows ("x1000" cases, B=1 N=8 D=4 k=4): the host cost of one call of a tiny op, where
+the kernel is nothing and the Python-side checks and dispatch are everything. Each timed
+repetition is 1000 back-to-back calls, so "median ms" reads as microseconds per call; the
+baseline is torch.topk(scores, k), ours is select_topk or compress (with backend=<b>).
+
 Minimum bytes (DESIGN.md 5): B*N*D*s read + B*(k+1)*D*s written + scores B*N*4 + indices B*k*8.
 
     python -m benchmarks.bench_compress --quick
@@ -31,9 +36,31 @@ QUICK = [((16, 576, 4096, 128), ("fp32", "bf16")),
          ((64, 576, 1024, 192), ("bf16",)),
          ((1, 2880, 4096, 128), ("fp32",))]
 DEFAULT_DTYPES = ("fp32", "bf16")
+# Per-call rows: a tiny shape, and the ops timed on it.
+PER_CALL_SHAPE = dict(B=1, N=8, D=4, k=4)
+PER_CALL_OPS = ("select_topk", "compress")
+PER_CALL_REPEAT = 1000
+
+
+def per_call_loop(fn, device: torch.device):
+    """PER_CALL_REPEAT calls of fn, back to back (one timed repetition). On CUDA it first waits
+    for the queue to drain, so the events time the host's issue rate, not queued work."""
+    def loop():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        for _ in range(PER_CALL_REPEAT - 1):
+            fn()
+        return fn()
+    return loop
+
+
+def is_per_call(case: Case) -> bool:
+    return case.variant.endswith(f"x{PER_CALL_REPEAT}")
 
 
 def bytes_moved(case: Case) -> int:
+    if is_per_call(case):
+        return 0  # a host-overhead row: no bandwidth figure
     B, N, D, k = (case.shape[x] for x in KEYS)
     s = common.DTYPES[case.dtype].itemsize
     return B * N * D * s + B * (k + 1) * D * s + B * N * 4 + B * k * 8
@@ -64,6 +91,10 @@ def _tensor_of(out):
 
 
 def check(out, ref, case: Case) -> tuple[bool, str]:
+    if is_per_call(case):
+        got = out if isinstance(out, torch.Tensor) else out.indices
+        ok = torch.equal(got.cpu(), ref.indices.sort(dim=1).values.cpu())
+        return ok, "ms per 1000 calls = us per call" + ("" if ok else ", indices differ")
     got, ref = _tensor_of(out), _tensor_of(ref)
     if tuple(got.shape) != tuple(ref.shape):
         return False, f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
@@ -80,9 +111,13 @@ def providers(device: torch.device, args) -> list[Provider]:
 
     def eager(case, inp):
         tokens, scores, k = inp["tokens"], inp["scores"], inp["k"]
+        if is_per_call(case):
+            return per_call_loop(lambda: torch.topk(scores, k), device)
         return lambda: trim_eager(tokens, scores, k)
 
     def compile_(case, inp):
+        if is_per_call(case):
+            raise harness.Skip("per-call rows: eager torch.topk only")
         fn = harness.compiled(trim_eager)
         tokens, scores, k = inp["tokens"], inp["scores"], inp["k"]
         return lambda: fn(tokens, scores, k)
@@ -91,6 +126,12 @@ def providers(device: torch.device, args) -> list[Provider]:
         def make(case, inp):
             import epic_ext
             tokens, scores, k = inp["tokens"], inp["scores"], inp["k"]
+            if case.variant == f"select_topk x{PER_CALL_REPEAT}":
+                return per_call_loop(lambda: epic_ext.select_topk(scores, k, backend=backend),
+                                     device)
+            if is_per_call(case):
+                return per_call_loop(lambda: epic_ext.compress(tokens, scores, k, backend=backend),
+                                     device)
             return lambda: epic_ext.compress(tokens, scores, k, merge="mean", backend=backend)
         return make
 
@@ -116,6 +157,9 @@ def build_cases(args) -> list[Case]:
                 if shape["k"] > shape["N"]:
                     continue
                 cases.append(Case(dict(shape), dt))
+    if "fp32" in wanted and (not specs or any(all(PER_CALL_SHAPE[key] == v for key, v in c.items())
+                                              for c in specs)):
+        cases += [Case(dict(PER_CALL_SHAPE), "fp32", f"{op} x{PER_CALL_REPEAT}") for op in PER_CALL_OPS]
     return cases
 
 

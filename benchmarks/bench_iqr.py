@@ -12,6 +12,10 @@ Providers:
   compile    torch.compile of the same function, dynamic=False (a graph break at the host sync)
   ours-<b>   epic_ext.iqr_select(scores, whisker, pooled=..., output="indices", backend=<b>)
 
+Variant per-call (B=1 N=8): the host cost of one call of a tiny op (see bench_compress): each timed
+repetition is 1000 calls, so "median ms" reads as microseconds per call; baseline torch.topk(scores,
+4), ours iqr_select(scores, backend=<b>).
+
 Scores are fp32 (attention-like: a softmax of 1.5 * N(0, 1) per row, about 10% outliers).
 Minimum bytes (DESIGN.md 5): B*N*4 read + B*N*8 indices written.
 
@@ -25,13 +29,15 @@ import sys
 import torch
 
 from benchmarks import common, harness
+from benchmarks.bench_compress import per_call_loop
 from benchmarks.harness import Case, Provider
 
 BENCH = "iqr"
 KEYS = ("B", "N")
 GRID = [dict(B=b, N=n) for b in (1, 16, 64) for n in (576, 2880)]
 QUICK = [(1, 576), (64, 576), (16, 2880)]
-VARIANTS = ("pooled", "per-image")
+VARIANTS = ("pooled", "per-image", "per-call")
+PER_CALL_SHAPE = dict(B=1, N=8)
 WHISKER = 1.5
 
 
@@ -61,6 +67,8 @@ def iqr_eager_per_image(scores: torch.Tensor, whisker: float = WHISKER):
 
 
 def bytes_moved(case: Case) -> int:
+    if case.variant == "per-call":
+        return 0  # a host-overhead row: no bandwidth figure
     B, N = case.shape["B"], case.shape["N"]
     return B * N * 4 + B * N * 8
 
@@ -84,6 +92,11 @@ def _pair(out):
 
 
 def check(out, ref, case: Case) -> tuple[bool, str]:
+    if case.variant == "per-call":  # ref is torch.topk's: compare with the eager composition
+        c = _pair(out)[0]
+        rc = iqr_eager_per_image(make_inputs(case, c.device)["scores"])[0]
+        ok = torch.equal(c.cpu(), rc.cpu())
+        return ok, "ms per 1000 calls = us per call" + ("" if ok else ", counts differ")
     (c, i), (rc, ri) = _pair(out), _pair(ref)
     c, i, rc, ri = (t.detach().to("cpu", torch.int64) for t in (c, i, rc, ri))
     if c.shape != rc.shape or not torch.equal(c, rc):
@@ -104,10 +117,15 @@ def providers(device: torch.device, args) -> list[Provider]:
         return iqr_eager_pooled if case.variant == "pooled" else iqr_eager_per_image
 
     def eager(case, inp):
+        if case.variant == "per-call":
+            scores = inp["scores"]
+            return per_call_loop(lambda: torch.topk(scores, 4), device)
         fn, scores = eager_fn(case), inp["scores"]
         return lambda: fn(scores)
 
     def compile_(case, inp):
+        if case.variant == "per-call":
+            raise harness.Skip("per-call rows: eager torch.topk only")
         fn, scores = harness.compiled(eager_fn(case)), inp["scores"]
         return lambda: fn(scores)
 
@@ -115,6 +133,9 @@ def providers(device: torch.device, args) -> list[Provider]:
         def make(case, inp):
             import epic_ext
             scores, pooled = inp["scores"], inp["pooled"]
+            if case.variant == "per-call":
+                return per_call_loop(lambda: epic_ext.iqr_select(scores, WHISKER, backend=backend),
+                                     device)
             return lambda: epic_ext.iqr_select(scores, WHISKER, pooled=pooled, output="indices",
                                                backend=backend)
         return make
@@ -134,12 +155,17 @@ def build_cases(args) -> list[Case]:
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-    return [Case(dict(s), "fp32", v) for s in shapes for v in variants]
+    cases = [Case(dict(s), "fp32", v) for s in shapes for v in variants if v != "per-call"]
+    if "per-call" in variants and (not specs or any(
+            all(PER_CALL_SHAPE[key] == v for key, v in c.items()) for c in specs)):
+        cases.append(Case(dict(PER_CALL_SHAPE), "fp32", "per-call"))
+    return cases
 
 
 def parser():
     p = harness.base_parser(__doc__, KEYS)
-    p.add_argument("--variants", default=None, help="comma list of pooled,per-image (default both)")
+    p.add_argument("--variants", default=None,
+                   help="comma list of pooled,per-image,per-call (default all)")
     return p
 
 
