@@ -127,6 +127,16 @@ def test_cli_infer_json(capsys):
     assert reports[0]["visual_tokens_per_layer"][-1] == 64
 
 
+@pytest.mark.parametrize("method,layer,tokens", [("dart", 2, [576, 576, 0, 0]), ("pooling", None, [0, 0, 0, 0])])
+def test_cli_infer_keep_zero(capsys, method, layer, tokens):
+    # Keeping no visual token is a legal budget: the text still runs and decodes.
+    argv = ["infer", "--method", method, "--keep", "0", "--prompt", "What?", "--max-new-tokens", "2", "--json"]
+    rc = cli_main(argv + (["--layer", str(layer)] if layer is not None else []))
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)[0]
+    assert report["visual_tokens_per_layer"] == tokens and len(report["answer_ids"]) == 2
+
+
 def test_train_then_infer_round_trip(tmp_path):
     # `epic-ext train` saves a complete checkpoint (weights + processor: image processor,
     # tokenizer, chat template) that `epic-ext infer --model <out>/final` and AutoProcessor load.
