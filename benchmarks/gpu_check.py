@@ -418,6 +418,12 @@ def memcheck_subset() -> int:
 # --------------------------------------------------------------------------------------------
 
 def _gpu_name() -> str | None:
+    """The CUDA device's name, None without one (no torch import when there is plainly none)."""
+    import glob
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return None
+    if not glob.glob("/dev/nvidia*") and not shutil.which("nvidia-smi"):
+        return None
     try:
         import torch
     except ImportError:
