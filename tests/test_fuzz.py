@@ -240,7 +240,7 @@ def case_select_topk(rng, gen, name, dev, interp, desc):
     policy = rng.choice(["lowest"] * 4 + ["raise"])
     desc.update(B=B, N=N, dtype=str(dtype), scores=kind, layout=layout, k=k, nan_policy=policy)
     x = to_input(scores, dev, layout)
-    if policy == "raise" and bool(torch.isnan(scores).any()):
+    if policy == "raise" and bool(torch.isnan(x).any()):
         try:
             call(lambda: epic_ext.select_topk(x, k, nan_policy=policy, backend=name))
         except ValueError as e:
