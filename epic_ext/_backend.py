@@ -30,9 +30,11 @@ _REFERENCE_ENTRY = {"kl_div": "kl_div_fwd", "attn_scores": "attn_scores_fwd"}
 
 
 class _ThreadState(threading.local):
-    # A class default, so that reading it never raises and catches an AttributeError inside
-    # (getattr with a default on a missing attribute costs about a microsecond).
-    forced: str | None = None
+    # Set in every thread's own dict (threading.local runs __init__ once per thread): reading it
+    # then never raises and catches an AttributeError inside (getattr with a default on a missing
+    # attribute costs about a microsecond), and torch.compile guards on a plain attribute.
+    def __init__(self) -> None:
+        self.forced: str | None = None
 
 
 _state = _ThreadState()
