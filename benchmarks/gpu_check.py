@@ -57,7 +57,9 @@ GPU_TEST_PATHS = ["tests/gpu", "tests/test_ops.py", "tests/test_kl.py",
 # costs 10-30 s a case; run a bench by hand with the same options minus --no-compile for it).
 BENCH_COMMON = ["--budget", "0.2", "--max-reps", "50", "--no-compile"]
 PRESETS = {
-    "compress": ["--shapes", "64x576x4096x128;16x576x4096x128;64x2880x4096x192", "--dtypes", "bf16"],
+    # 1x8x4x4 fp32: the per-call rows (host overhead: on CUDA the rate calls are issued at)
+    "compress": ["--shapes", "64x576x4096x128;16x576x4096x128;64x2880x4096x192;1x8x4x4",
+                 "--dtypes", "bf16,fp32"],
     "kl": ["--family", "all", "--quick", "--dtypes", "bf16", "--shapes", "T=8192,V=128256"],
     "attn_scores": ["--quick"],
     "iqr": ["--quick"],
@@ -115,7 +117,7 @@ def steps(python: str) -> list[Step]:
     for bench, args in PRESETS.items():
         out.append(Step(f"bench-{bench}", py + ["-m", f"benchmarks.bench_{bench}"] + BENCH_COMMON
                         + args, 120 if bench == "kl" else 60, why="benchmark at GPU sizes",
-                        estimate_s={"kl": 35, "compress": 15, "attn_scores": 20}.get(bench, 10)))
+                        estimate_s={"kl": 35, "compress": 25, "attn_scores": 20}.get(bench, 10)))
     out.append(Step("report", py + ["-m", "benchmarks.report", "--device", "cuda"], 60,
                     why="merged table and summary plot", estimate_s=10))
     out.append(Step("memcheck", ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
