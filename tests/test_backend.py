@@ -178,3 +178,24 @@ def test_kl_backward_calls_no_kernel(monkeypatch):
     calls.clear()
     loss.backward()
     assert calls == []
+
+
+def test_backend_argument_traces_under_torch_compile_in_a_fresh_thread():
+    """Dynamo guards on the forcing state it reads: reading it must not depend on whether this
+    thread ever forced a backend (a class-level default failed with 'Guard failed on the same
+    frame'). Dynamo only (backend="eager"): the graph is what matters, not the code generation."""
+    import threading
+    gen = torch.Generator().manual_seed(23)
+    tokens, scores = torch.randn(2, 9, 4, generator=gen), torch.randn(2, 9, generator=gen)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t, s: epic_ext.compress(t, s, 4, backend="reference").tokens,
+                       backend="eager", fullgraph=True)
+    result = []
+    # Twice: the first call's forcing leaves the state in the thread's dict, which a guard on
+    # its absence rejected on the second call.
+    worker = threading.Thread(target=lambda: result.extend([fn(tokens, scores), fn(tokens, scores)]))
+    worker.start()
+    worker.join()
+    assert len(result) == 2, "the compiled call raised (see the thread's traceback above)"
+    torch.testing.assert_close(result[1], epic_ext.compress(tokens, scores, 4).tokens)
+    torch._dynamo.reset()
