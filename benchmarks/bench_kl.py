@@ -22,7 +22,8 @@ kl-linear  hidden states [T, H] of student and teacher and a shared LM head W [V
   eager             F.linear(h_s, W), F.linear(h_t, W.detach()), then the eager KL above
   compile           torch.compile of that function
   ours-<b>          epic_ext.fused_linear_kl(h_s, h_t, W, temperature=tau, chunk_size=--chunk-size,
-                    backend=<b>) (default chunk: about 256 MiB of fp32 logits)
+                    backend=<b>) (default chunk: about 64 MiB per [chunk, V] logits tensor in
+                    the logits' dtype, a multiple of 256 rows: 256 rows at V=128256 bf16)
            On the CPU this family takes seconds a call: at least 3 timed repetitions instead of 5,
            and --quick leaves compile out unless --providers names it.
 
@@ -46,7 +47,8 @@ the PyTorch allocator (the CPU kernel's per-thread row scratch, 2 * V * 4 bytes 
 
 For kl-linear the peak also holds the weight gradients ([V, H]: eager's, or ours' fp32 accumulator
 and its cast), about one [T, V] unit per fp32 copy when H is close to T; the logits are the point:
-eager holds all of them, ours one chunk (--chunk-size) at a time.
+eager holds all of them, ours one chunk (--chunk-size) at a time (in the logits' dtype; its GEMMs
+take no fp32 copy of the chunk: fp32-output GEMMs on CUDA, bounded fp32 slices on the CPU).
 
 Check: before timing, every provider's loss and gradient(s) are compared with a reference computed
 in row chunks from the same (rounded) inputs: the KL and its gradient w.r.t. the logits in fp64
@@ -475,8 +477,8 @@ def parser():
     p.add_argument("--temperature", type=float, default=1.0,
                    help="tau (default 1, as in EPIC's official code)")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="rows per chunk of fused_linear_kl (default: the library's, ~256 MiB of "
-                        "fp32 logits)")
+                   help="rows per chunk of fused_linear_kl (default: the library's, ~64 MiB "
+                        "per logits tensor in its dtype, a multiple of 256 rows)")
     return p
 
 

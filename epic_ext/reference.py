@@ -224,21 +224,51 @@ def trim_eager(tokens: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tens
 KL_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
+def kl_undefined_rows(student: torch.Tensor, teacher: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Rows [T] whose softmax is undefined on either side: a NaN or +inf logit / tau (in the
+    accumulation type, as the kernels scale it), or every logit -inf (V > 0; an empty row is an
+    empty sum, KL 0). Their loss is NaN and so is every entry of their gradient (IEEE
+    propagation); a -inf logit in an otherwise finite row is legal (probability 0)."""
+    acc = _opmath(student.dtype)
+
+    def bad(x):
+        x = x.to(acc) / temperature
+        undefined = (x.isnan() | (x == float("inf"))).any(dim=-1)
+        if x.shape[-1] > 0:
+            undefined |= (x == float("-inf")).all(dim=-1)
+        return undefined
+
+    return bad(student) | bad(teacher)
+
+
+def _kl_log_probs(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
+    """log softmax(logits / tau) of both sides in the accumulation type, every entry of an
+    undefined row (kl_undefined_rows) made NaN first, so that its loss and every entry of its
+    gradient are NaN (through autograd too)."""
+    acc = _opmath(student.dtype)
+    undefined = kl_undefined_rows(student, teacher, temperature)
+    poison = torch.where(undefined, float("nan"), 0.0).to(acc).unsqueeze(-1)
+    log_s = torch.log_softmax(student.to(acc) / temperature + poison, dim=-1)
+    log_t = torch.log_softmax(teacher.to(acc) / temperature + poison, dim=-1)
+    return log_s, log_t
+
+
 def kl_div_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
                 reverse: bool = False) -> torch.Tensor:
     """Per-row KL between softmax(teacher / tau) and softmax(student / tau), times tau^2.
 
     forward (reverse=False): KL(p_t || p_s) = sum_v p_t (log p_t - log p_s), the distillation
     direction; reverse: KL(p_s || p_t). Terms whose target probability is 0 (logit -inf)
-    contribute 0. Rows [T, V] -> [T], fp32 (fp64 for fp64 logits).
+    contribute 0. Rows whose softmax is undefined (kl_undefined_rows) give NaN. Rows [T, V] ->
+    [T], fp32 (fp64 for fp64 logits).
     """
-    acc = _opmath(student.dtype)
-    log_s = torch.log_softmax(student.to(acc) / temperature, dim=-1)
-    log_t = torch.log_softmax(teacher.to(acc) / temperature, dim=-1)
+    log_s, log_t = _kl_log_probs(student, teacher, temperature)
     log_p, log_q = (log_s, log_t) if reverse else (log_t, log_s)
     p = log_p.exp()
-    # Mask the log-ratio before the product too, so that autograd never forms 0 * inf.
-    has_mass = p > 0
+    # Mask the log-ratio before the product too, so that autograd never forms 0 * inf. p != 0
+    # rather than p > 0: a NaN (undefined) row keeps its NaN.
+    has_mass = p != 0
     ratio = torch.where(has_mass, log_p - log_q, torch.zeros_like(p))
     terms = torch.where(has_mass, p * ratio, torch.zeros_like(p))
     return terms.sum(dim=-1) * (temperature ** 2)
@@ -258,7 +288,14 @@ def kl_div(student: torch.Tensor, teacher: torch.Tensor, row_mask: torch.Tensor 
            temperature: float = 1.0, reduction: str = "batchmean",
            reverse: bool = False) -> torch.Tensor:
     """Masked, reduced KL over rows [T, V]: the spec of epic_ext.kl_div. Rows with mask False
-    contribute nothing; with no row selected every reduction gives 0 (never NaN)."""
+    contribute nothing, whatever they hold (their logits are replaced by zeros first, so even
+    autograd gives them an exact 0); with no row selected every reduction gives 0. A selected
+    row whose softmax is undefined (kl_undefined_rows) makes the loss NaN (that row's, for
+    "none") and its gradient row NaN."""
+    if row_mask is not None:
+        keep = row_mask.unsqueeze(-1)
+        student = torch.where(keep, student, torch.zeros((), dtype=student.dtype))
+        teacher = torch.where(keep, teacher, torch.zeros((), dtype=teacher.dtype))
     per_row = kl_div_rows(student, teacher, temperature, reverse)
     if row_mask is None:
         row_mask = torch.ones(per_row.shape, dtype=torch.bool, device=per_row.device)
@@ -277,7 +314,8 @@ def kl_div_fwd(student: torch.Tensor, teacher: torch.Tensor, row_mask: torch.Ten
 
     reduction codes: 0 none ([T] per-row loss), 1 sum, 2 mean, 3 batchmean (0-d). The gradient
     already carries 1 / normaliser and is zero for masked-out rows; forward KL gives
-    tau (p_s - p_t), reverse tau p_s (log p_s - log p_t - KL). Written explicitly (this runs
+    tau (p_s - p_t), reverse tau p_s (log p_s - log p_t - KL); a kept row whose softmax is
+    undefined gets a NaN loss and an all-NaN gradient row. Written explicitly (this runs
     below autograd)."""
     T, V = student.shape
     name = KL_REDUCTIONS_BY_CODE[reduction]
@@ -292,12 +330,11 @@ def kl_div_fwd(student: torch.Tensor, teacher: torch.Tensor, row_mask: torch.Ten
         loss = torch.where(norm > 0, per_row.sum() / norm.clamp(min=1), torch.zeros_like(norm)).float()
     if not compute_grad:
         return loss, student.new_empty(0)
-    log_s = torch.log_softmax(student.to(acc) / temperature, dim=-1)
-    log_t = torch.log_softmax(teacher.to(acc) / temperature, dim=-1)
+    log_s, log_t = _kl_log_probs(student, teacher, temperature)
     p_s = log_s.exp()
     if reverse:
         kl = (per_row / temperature ** 2).unsqueeze(-1)
-        grad = torch.where(p_s > 0, p_s * (log_s - log_t - kl), torch.zeros_like(p_s))
+        grad = torch.where(p_s != 0, p_s * (log_s - log_t - kl), torch.zeros_like(p_s))
     else:
         grad = p_s - log_t.exp()
     scale = torch.where(norm > 0, 1.0 / norm.clamp(min=1), torch.zeros_like(norm))

@@ -239,3 +239,248 @@ def test_kl_second_backward_raises_instead_of_a_wrong_gradient(kl_backend):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward|modified by an inplace operation"):
         loss.backward()
+
+
+# --------------------------------------------------------------------------- non-finite logits
+
+UNDEFINED_CASES = [(side, kind) for side in ("student", "teacher")
+                   for kind in ("nan", "+inf", "all -inf")]
+
+
+def _spoil(x, row, kind):
+    if kind == "nan":
+        x[row, 3] = float("nan")
+    elif kind == "+inf":
+        x[row, 3] = float("inf")
+    else:
+        x[row] = float("-inf")
+
+
+def _assert_nan_pattern_close(got, want, rtol, what):
+    """NaN exactly where the reference has NaN; elsewhere within rtol * max|want|."""
+    got, want = got.double().cpu(), want.double().cpu()
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN pattern differs"
+    ok = ~want.isnan()
+    if ok.any():
+        scale = max(want[ok].abs().max().item(), 1e-30)
+        err = (got[ok] - want[ok]).abs().max().item()
+        assert err <= rtol * scale, f"{what}: err {err:.3e} vs max {scale:.3e}"
+
+
+@pytest.mark.parametrize("side,kind", UNDEFINED_CASES, ids=lambda v: str(v).replace(" ", ""))
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_undefined_softmax_rows_are_nan(kl_backend, side, kind, direction):
+    """D3: a selected row whose softmax is undefined (NaN / +inf logit, or all -inf) gives a NaN
+    loss and an all-NaN gradient row on every backend, the reference included; other rows are
+    untouched, and an unselected undefined row contributes nothing."""
+    dev = kl_backend[1]
+    gen = torch.Generator().manual_seed(20)
+    s = logits(5, 37, torch.float32, gen)
+    t = logits(5, 37, torch.float32, gen)
+    _spoil(s if side == "student" else t, 1, kind)   # selected
+    _spoil(s if side == "student" else t, 3, kind)   # not selected
+    mask = torch.tensor([True, True, True, False, True])
+    for reduction in ("none", "batchmean", "sum", "mean"):
+        student = s.clone().to(dev).requires_grad_()
+        with poisoned_outputs():
+            loss = epic_ext.kl_div(student, t.to(dev), mask.to(dev), reduction=reduction,
+                                   direction=direction)
+            loss.backward(torch.full_like(loss, 0.7))
+        want_loss, want_grad = reference_loss_and_grad(s, t, mask, 1.0, reduction,
+                                                       direction == "reverse",
+                                                       torch.full(loss.shape, 0.7))
+        if reduction == "none":
+            assert loss[1].isnan() and torch.isfinite(loss[[0, 2, 4]]).all() and loss[3] == 0
+        else:
+            assert loss.isnan()
+        _assert_nan_pattern_close(loss, want_loss, 2e-5, f"{reduction} loss")
+        g = student.grad.cpu()
+        assert g[1].isnan().all() and torch.isfinite(g[[0, 2, 4]]).all() and (g[3] == 0).all()
+        _assert_nan_pattern_close(g, want_grad, 2e-5, f"{reduction} grad")
+
+
+def test_kl_unselected_undefined_rows_never_contribute(kl_backend):
+    dev = kl_backend[1]
+    gen = torch.Generator().manual_seed(21)
+    s = logits(4, 20, torch.float32, gen)
+    t = logits(4, 20, torch.float32, gen)
+    s[0, 2], t[2] = float("nan"), float("-inf")
+    mask = torch.tensor([False, True, False, True])
+    loss = epic_ext.kl_div(s.to(dev), t.to(dev), mask.to(dev), nan_policy="raise")
+    want = epic_ext.kl_div(s[[1, 3]].to(dev), t[[1, 3]].to(dev))
+    torch.testing.assert_close(loss, want)
+
+
+@pytest.mark.parametrize("tau", [1e-320, 1e-20, 1e39, 1e300])
+def test_kl_temperature_outside_fp32_is_rejected(tau):
+    """D3: tau, 1/tau and tau^2 must be normal fp32 numbers, in the API and in every kernel."""
+    s, t = torch.randn(3, 9), torch.randn(3, 9)
+    with pytest.raises(ValueError, match="temperature"):
+        epic_ext.kl_div(s, t, temperature=tau)
+    with pytest.raises(ValueError, match="temperature"):
+        epic_ext.fused_linear_kl(torch.randn(3, 4), torch.randn(3, 4), torch.randn(9, 4),
+                                 temperature=tau)
+    for name in ("cpu", "triton"):
+        module = _backend._load(name)[0]
+        if module is not None and hasattr(module, "kl_div"):
+            with pytest.raises(ValueError, match="temperature"):
+                module.kl_div(s, t, None, tau, 3, False, True, False)
+    # the bounds themselves are accepted
+    for ok in (1.1e-19, 1.8e19):
+        assert torch.isfinite(epic_ext.kl_div(s, t, temperature=ok))
+
+
+def test_kl_nan_policy(kl_backend):
+    dev = kl_backend[1]
+    gen = torch.Generator().manual_seed(22)
+    s = logits(2 * 3, 16, torch.float32, gen).view(2, 3, 16)
+    t = logits(2 * 3, 16, torch.float32, gen).view(2, 3, 16)
+    t[1, 2, 5] = float("nan")
+    assert epic_ext.kl_div(s.to(dev), t.to(dev)).isnan()  # default: propagate
+    with pytest.raises(ValueError, match=r"teacher_logits .*undefined.*row \[1, 2\]"):
+        epic_ext.kl_div(s.to(dev), t.to(dev), nan_policy="raise")
+    s[0, 1] = float("-inf")
+    with pytest.raises(ValueError, match=r"student_logits .*row \[0, 1\]"):
+        epic_ext.kl_div(s.to(dev), t.to(dev), reduction="none", nan_policy="raise")
+    with pytest.raises(ValueError, match="nan_policy"):
+        epic_ext.kl_div(s.to(dev), t.to(dev), nan_policy="ignore")
+
+
+def test_fused_linear_kl_nan_policy_and_weight_width():
+    gen = torch.Generator().manual_seed(23)
+    h_s, h_t = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 8, generator=gen)
+    W = torch.randn(30, 8, generator=gen)
+    with pytest.raises(ValueError, match=r"weight must be \[V, H\] with H = 8"):
+        epic_ext.fused_linear_kl(h_s, h_t, torch.randn(30, 7))
+    with pytest.raises(ValueError, match="teacher_hidden must match"):
+        epic_ext.fused_linear_kl(h_s, h_t[:, :4], W)
+    with pytest.raises(ValueError, match="nan_policy"):
+        epic_ext.fused_linear_kl(h_s, h_t, W, nan_policy="omit")
+    bad = h_s.clone()
+    bad[1, 3, 2] = float("nan")
+    assert epic_ext.fused_linear_kl(bad, h_t, W).isnan()
+    with pytest.raises(ValueError, match=r"student_hidden .*row \[1, 3\]"):
+        epic_ext.fused_linear_kl(bad, h_t, W, nan_policy="raise")
+    labels = torch.zeros(2, 5, dtype=torch.long)
+    labels[1, 3] = -100  # the bad row is not selected: a finite loss, no error
+    assert torch.isfinite(epic_ext.fused_linear_kl(bad, h_t, W, labels=labels, nan_policy="raise"))
+    W_bad = W.clone()
+    W_bad[4, 0] = float("inf")
+    with pytest.raises(ValueError, match="weight holds NaN or inf"):
+        epic_ext.fused_linear_kl(h_s, h_t, W_bad, nan_policy="raise")
+
+
+# --------------------------------------------------------------------------- fused_linear_kl bf16
+
+def _linear_kl_reference_grads(h_s, h_t, W, b, mask, tau, reduction, grad_out):
+    """fp64 gradients from the logits as the op rounds them (the LM head in the inputs' dtype):
+    d loss / d logits by fp64 autograd of the spec, then the chain rule in fp64."""
+    V = W.shape[0]
+    with torch.no_grad():
+        ls = F.linear(h_s, W, b).reshape(-1, V)
+        lt = F.linear(h_t, W, b).reshape(-1, V)
+    l64 = ls.double().requires_grad_()
+    loss = R.kl_div(l64, lt.double(), mask, tau, reduction)
+    (loss * grad_out).backward()
+    g = l64.grad
+    H = h_s.shape[-1]
+    return (loss.detach(), (g @ W.double()).reshape(h_s.shape),
+            g.t() @ h_s.reshape(-1, H).double(), g.sum(0))
+
+
+def _gain(got, want):
+    """Least-squares factor got ~ gain * want: a systematic scale error shows here even when the
+    per-element rounding noise is larger."""
+    got, want = got.double().flatten(), want.double().flatten()
+    return (got @ want / (want @ want)).item()
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+def test_fused_linear_kl_bf16_gradients_unbiased(kl_backend, reduction):
+    """bf16: 1 / normaliser is applied in fp32, never rounded to bf16, so the gradients carry no
+    scale bias (the old code's inv.to(bf16) gave all of them a gain of about 1.002, over any
+    per-element rounding noise: the gain is a least-squares fit over every element)."""
+    dev = kl_backend[1]
+    gen = torch.Generator().manual_seed(24)
+    B, L, H, V = 2, 9, 128, 2048
+    h_s = torch.randn(B, L, H, generator=gen).bfloat16()
+    h_t = torch.randn(B, L, H, generator=gen).bfloat16()
+    W = (torch.randn(V, H, generator=gen) * 0.1).bfloat16()
+    b = (torch.randn(V, generator=gen) * 0.1).bfloat16()
+    labels = torch.full((B, L), 7)
+    labels[:, :3] = -100  # 12 selected rows: 1/12 is 0.2% from the nearest bf16 number
+    grad_out = 0.75
+    hs, w, bb = (x.clone().to(dev).requires_grad_() for x in (h_s, W, b))
+    loss = epic_ext.fused_linear_kl(hs, h_t.to(dev), w, bb, labels=labels.to(dev),
+                                    reduction=reduction, chunk_size=3)
+    loss.backward(torch.tensor(grad_out, device=dev))
+    want = _linear_kl_reference_grads(h_s, h_t, W, b, (labels != -100).reshape(-1), 1.0,
+                                      reduction, grad_out)
+    torch.testing.assert_close(loss.double().cpu(), want[0], rtol=1e-4, atol=0)
+    for name, got, ref in (("h", hs.grad, want[1]), ("W", w.grad, want[2]),
+                           ("b", bb.grad, want[3])):
+        got = got.cpu()
+        assert got.dtype == torch.bfloat16
+        assert abs(_gain(got, ref) - 1) < 6e-4, f"grad {name}: gain {_gain(got, ref):.6f}"
+        err = (got.double() - ref).abs()
+        assert (err <= 2.0 ** -7 * ref.abs() + 1e-3 * ref.abs().max()).all(), name
+
+
+def test_fused_linear_kl_keeps_no_fp32_copy_of_a_chunk():
+    """The bf16 forward + backward makes no fp32 tensor as large as a chunk of logits: GEMMs in
+    bf16 with fp32 accumulation (an fp32 output on CUDA; on the CPU, fp32 slices of at most
+    _F32_SLICE_ELEMS), the logits themselves in bf16."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from epic_ext import kl as K
+
+    T, H, V, chunk = 512, 32, 16384, 256
+    gen = torch.Generator().manual_seed(25)
+    h_s = torch.randn(T, H, generator=gen).bfloat16().requires_grad_()
+    h_t = torch.randn(T, H, generator=gen).bfloat16()
+    W = (torch.randn(V, H, generator=gen) * 0.2).bfloat16().requires_grad_()
+    b = (torch.randn(V, generator=gen) * 0.1).bfloat16().requires_grad_()
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor):
+                    seen.append((str(func), o.dtype, o.numel()))
+            return out
+
+    with Record():
+        loss = epic_ext.fused_linear_kl(h_s, h_t, W, b, chunk_size=chunk)
+        loss.backward()
+    chunk_elems = chunk * V
+    assert ("aten.addmm.default", torch.bfloat16, chunk_elems) in seen  # the chunk's logits
+    wide = [(f, n) for f, d, n in seen
+            if d in (torch.float32, torch.float64) and n >= chunk_elems // 2]
+    assert not wide, wide
+    assert K._F32_SLICE_ELEMS < chunk_elems // 2
+    for p in (h_s, W, b):
+        assert p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad.float()).all()
+
+
+def test_fused_linear_kl_default_chunk_fills_gemm_tiles():
+    from epic_ext import kl as K
+    assert K._default_chunk(128256, torch.bfloat16) == 256   # 64 MiB of bf16 logits
+    assert K._default_chunk(128256, torch.float32) == 128
+    assert K._default_chunk(32000, torch.bfloat16) == 1024
+    assert K._default_chunk(10 ** 8, torch.float32) == 1
+
+
+def test_fused_linear_kl_fp32_output_gemm_calls_are_valid(monkeypatch):
+    """The CUDA branch (bf16 GEMMs with an fp32 output) checked for arguments on meta tensors,
+    which run torch's own shape / dtype rules for mm / addmm with out_dtype: it must not fall
+    back (a fallback drops the device from _F32_OUT_GEMM)."""
+    from epic_ext import kl as K
+    monkeypatch.setattr(K, "_F32_OUT_GEMM", {"meta"})
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    g, w = torch.empty(256, 1000, **meta), torch.empty(1000, 64, **meta)
+    h = torch.empty(256, 64, **meta)
+    out = torch.empty(256, 64, **meta)
+    acc = torch.zeros(1000, 64, device="meta")
+    K._rows_grad_into(out, g, w, torch.ones((), device="meta"))
+    K._accumulate_wgrad(acc, g.t(), h)
+    assert K._F32_OUT_GEMM == {"meta"} and acc.dtype == torch.float32

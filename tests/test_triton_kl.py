@@ -377,6 +377,57 @@ def test_neg_inf_whole_chunks(reverse):
     assert torch.isinf(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
+                         ids=lambda d: str(d)[6:])
+def test_undefined_rows_are_nan(dtype, reverse):
+    """D3: a kept row whose softmax is undefined on either side (a NaN or +inf logit, every
+    logit -inf; in the first chunk or a later one) has loss NaN and an all-NaN gradient row, as
+    the reference and the C++ kernel; masked-out rows stay 0 whatever they hold."""
+    T, V = 8, 4099
+    s = make_logits(T, V, torch.float64, seed=95)
+    t = make_logits(T, V, torch.float64, seed=96)
+    s[0, 7] = math.nan
+    t[1, 4000] = math.nan
+    s[2, 4098] = math.inf
+    t[3, 0] = math.inf
+    s[4] = -math.inf
+    t[5] = -math.inf
+    t[6, 3] = math.nan  # masked out
+    s, t = s.to(dtype), t.to(dtype)
+    mask = torch.tensor([True] * 6 + [False, True])
+    for reduction in (0, 3):
+        loss, grad = run(s, t, mask, 1.0, reduction, reverse)
+        e_loss, e_grad = ref.kl_div_fwd(s, t, mask, 1.0, reduction, reverse, True, False)
+        if reduction == 0:
+            assert loss[:6].isnan().all() and loss[6] == 0 and torch.isfinite(loss[7])
+        else:
+            assert loss.isnan() and e_loss.isnan()
+        assert grad[:6].isnan().all() and (grad[6] == 0).all()
+        assert torch.isfinite(grad[7].double()).all()
+        assert torch.equal(grad.isnan(), e_grad.isnan())
+        torch.testing.assert_close(loss.double(), e_loss.double(), rtol=1e-4, atol=1e-7,
+                                   equal_nan=True)
+        if CPP is not None:
+            c_loss, c_grad = CPP(s, t, mask, 1.0, reduction, reverse, True, False)
+            assert torch.equal(c_grad.isnan(), grad.isnan())
+            torch.testing.assert_close(c_loss, loss, rtol=1e-4, atol=1e-7, equal_nan=True)
+
+
+def test_bf16_gradient_rounds_to_nearest():
+    """The stored bf16 gradient is rounded to nearest (the interpreter's own fp32 -> bf16 cast
+    truncates, which biased every gradient by about -0.2%)."""
+    s = make_logits(4, 1000, torch.bfloat16, seed=97)
+    t = make_logits(4, 1000, torch.bfloat16, seed=98)
+    _, grad = run(s, t, None, 1.0, 1, False)
+    _, want = ref.kl_div_fwd(s.double(), t.double(), None, 1.0, 1, False, True, False)
+    want_bf16 = want.to(torch.bfloat16)
+    assert (grad != want_bf16).float().mean() < 0.02  # a few ties / last-bit differences
+    # least-squares gain against the exact gradient: truncation gives 0.9956 here, rounding 1.0006
+    gain = (grad.double().flatten() @ want.flatten()) / (want.flatten() @ want.flatten())
+    assert abs(gain.item() - 1) < 2e-3
+
+
 # ---------------------------------------------------------------------------------------------
 # Output modes: inplace, compute_grad False, layouts
 # ---------------------------------------------------------------------------------------------
@@ -473,6 +524,9 @@ def test_invalid_arguments():
         run(s, t, None, 0.0)
     with pytest.raises(ValueError, match="temperature"):
         run(s, t, None, math.inf)
+    for tau in (1e-320, 1e-20, 1e39, 1e300):  # tau, 1/tau, tau^2 must be normal fp32 numbers
+        with pytest.raises(ValueError, match="temperature"):
+            run(s, t, None, tau)
     with pytest.raises(ValueError, match="reduction"):
         run(s, t, None, 1.0, 4)
     with pytest.raises(ValueError, match="mask"):

@@ -7,7 +7,9 @@
 //           KL(p_t || p_s) = S / zb + log za - log zb   (S is built from shifted logits)
 //   pass 3: grad = tau (ea / za - eb / zb) * scale, written in the logits dtype
 // Shifting by the row maxima before subtracting keeps the loss accurate for logits of +-1e4.
-// Entries whose target probability is 0 (logit -inf) contribute 0, never NaN.
+// Entries whose target probability is 0 (logit -inf) contribute 0, never NaN. A row whose softmax
+// is undefined on either side (a NaN or +inf logit, or every logit -inf) gives loss NaN and an
+// all-NaN gradient row: its exponential sums come out NaN (exp of NaN, or of -inf - -inf), or 0.
 // The hot passes use GCC vector extensions (8 fp32 lanes, a polynomial exp) and are cloned for
 // AVX2 and picked at load time (target_clones), so the same binary runs on any x86-64.
 #include <ATen/Parallel.h>
@@ -32,6 +34,20 @@ EPIC_VEC_INLINE double hsum64(v8f v) {  // in double, unlike vec8's float hsum
   double s = 0;
   for (int j = 0; j < kLanes; ++j) s += v[j];
   return s;
+}
+
+// Both softmax sums of a row are finite and positive (each is >= 1 when defined: the maximum's
+// own term). NaN fails every comparison.
+EPIC_VEC_INLINE bool row_defined(double za, double zb) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  return za > 0 && zb > 0 && za < kInf && zb < kInf;
+}
+
+// The D3 policy for an undefined row: NaN loss, every gradient entry NaN.
+template <typename T>
+EPIC_VEC_INLINE double undefined_row(T* g, int64_t V) {
+  if (g != nullptr) std::fill(g, g + V, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+  return std::numeric_limits<double>::quiet_NaN();
 }
 
 // One row, fp32 math. s, t: logits (unit stride); ea, eb: fp32 scratch of V; g: gradient row or
@@ -83,6 +99,7 @@ EPIC_VEC_INLINE double kl_row(const T* s, const T* t, int64_t V, float inv_tau,
     const float w = kReverse ? pa : pb, d = kReverse ? (xa - xb) : (xb - xa);
     S += w > 0 ? w * d : 0.0f;
   }
+  if (!row_defined(za, zb)) return undefined_row(g, V);
   const double log_za = std::log(za), log_zb = std::log(zb);
   const double kl = kReverse ? S / za + log_zb - log_za : S / zb + log_za - log_zb;
   if (g != nullptr) {
@@ -115,6 +132,7 @@ double kl_row_f64(const double* s, const double* t, int64_t V, double inv_tau, d
     const double w = reverse ? pa : pb, d = reverse ? xa - xb : xb - xa;
     S += w > 0 ? w * d : 0.0;
   }
+  if (!row_defined(za, zb)) return undefined_row(g, V);
   const double lza = std::log(za), lzb = std::log(zb);
   const double kl = reverse ? S / za + lzb - lza : S / zb + lza - lzb;
   if (g != nullptr) {

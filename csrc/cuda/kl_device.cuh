@@ -22,6 +22,9 @@
 // replaced by 0 ("safe") wherever they would be subtracted, so no inf - inf appears. If the anchor
 // itself is -inf (target mass where the other side has none), its term is +inf and s stays +inf,
 // which is the right KL; when r underflows to 0 the old terms vanish, as their exponentials would.
+// A NaN or +inf logit makes its side's z NaN (2^NaN, 2^(inf - inf)), and NaN survives every
+// rescale and merge; a side of only -inf logits keeps z = 0: kl_div.cu tests the final z of both
+// sides to give such an undefined row its NaN loss and NaN gradient row.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -167,6 +170,17 @@ __device__ __forceinline__ float neg_inf<float>() {
 template <>
 __device__ __forceinline__ double neg_inf<double>() {
   return __longlong_as_double(static_cast<long long>(0xFFF0000000000000ull));
+}
+
+template <typename V>
+__device__ __forceinline__ V quiet_nan();
+template <>
+__device__ __forceinline__ float quiet_nan<float>() {
+  return __int_as_float(0x7FC00000);
+}
+template <>
+__device__ __forceinline__ double quiet_nan<double>() {
+  return __longlong_as_double(0x7FF8000000000000ll);
 }
 
 __device__ __forceinline__ float vmax(float a, float b) { return fmaxf(a, b); }

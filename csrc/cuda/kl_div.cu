@@ -14,6 +14,8 @@
 //          likely still in L2), and writes the gradient once, in the logits' dtype:
 //            forward: tau (p_s - p_t) * scale
 //            reverse: tau p_s (log p_s - log p_t - KL) * scale, the difference in fp64
+// A kept row whose softmax is undefined (a NaN or +inf logit on either side, or one side all -inf:
+// then a final sum z is NaN or 0) gets loss NaN and an all-NaN gradient row (NaN pass-2 constants).
 // scale = 1 / normaliser for kept rows (the count of kept rows is summed on the device from the
 // mask and read by every block: no host synchronisation); masked-out rows get loss 0 and a zero
 // gradient row. Reductions other than none: the row losses go to an fp64 [T] buffer that two small
@@ -66,7 +68,8 @@ template <typename A>
 struct RowConsts {
   A ma, mb;      // student / teacher maxima (raw logits)
   A qa;          // reverse: the (safe) anchor, teacher logit at the student's argmax
-  A k1, k2;      // forward: tau scale / z_s, tau scale / z_t; reverse: k1 = tau scale / z_s
+  A k1, k2;      // forward: tau scale / z_s, tau scale / z_t; reverse: k1 = tau scale / z_s,
+                 // k2 = the gradient of a massless entry (0, NaN in an undefined row)
   double l0;     // reverse: log p_s - log p_t = d / tau + l0 - 1 (fp64)
   double kl;     // reverse: KL of the row + 1 (fp64, without the tau^2)
   double inv_tau;
@@ -79,10 +82,14 @@ __device__ __forceinline__ double row_finals(const State<V>& st, double tau, dou
   const double zp = static_cast<double>(st.zp), zq = static_cast<double>(st.zq);
   const double s = static_cast<double>(st.s);
   const double qa = static_cast<double>(cuda::kl::safe(st.qa));
+  // Both sums finite and positive (>= 1: the maximum's own term), else the softmax of a side is
+  // undefined (z NaN from a NaN / +inf logit, z = 0 for all -inf): NaN loss and gradient row,
+  // as on the CPU (V = 0 is handled by the host). NaN fails every comparison.
+  const bool defined = zp > 0.0 && zq > 0.0 && isfinite(zp) && isfinite(zq);
+  const double nan = cuda::kl::quiet_nan<double>();
   // (mq - qa): exact in fp64. l0 = log-ratio of the anchor entry.
   const double l0 = (static_cast<double>(st.mq) - qa) / tau + log(zq / zp);
-  // A row without any finite logit gives NaN, as on the CPU (V = 0 is handled by the host).
-  const double kl = (s / zp) / tau + l0;
+  const double kl = defined ? (s / zp) / tau + l0 : nan;
   // Reverse gradient: lr - KL = (d / tau + l0 + 1) - (KL + 1) in fp64. The + 1 makes differences
   // below fp64 resolution of log-probabilities cancel to exactly 0, as in the fp64 autograd
   // reference and the CPU kernel (an argmax entry of a one-hot student gets exactly 0); it
@@ -102,6 +109,10 @@ __device__ __forceinline__ double row_finals(const State<V>& st, double tau, dou
     rc.qa = A(0);
     rc.k1 = static_cast<A>(tau * scale / zq);
     rc.k2 = static_cast<A>(tau * scale / zp);
+  }
+  if (!defined) {  // every gradient entry NaN: forward multiplies by k1, k2; reverse returns k2
+    rc.k1 = static_cast<A>(nan);
+    rc.k2 = static_cast<A>(nan);
   }
   return tau * tau * kl;
 }
@@ -334,14 +345,14 @@ __global__ void __launch_bounds__(BLOCK, 1024 / BLOCK) kl_div_rows_kernel(const 
   } else {
     // tau scale p_s (lr - KL), lr = log p_s - log p_t, the difference taken in fp64 (see
     // row_finals); every term keeps fp32 accuracy.
-    const A ma = rc.ma, qa = rc.qa, k1 = rc.k1;
+    const A ma = rc.ma, qa = rc.qa, k1 = rc.k1, k2 = rc.k2;
     const double l0 = rc.l0, kl = rc.kl, inv_tau = rc.inv_tau;
     row_pass2<T, VEC, U, G>(srow, trow, grow, sp, tid, [=](A sv, A tv) {
       const A ua = sv - ma;
       const A ea = M::ex(ua * c);
       const A d = ua - (tv - qa);  // the log-ratio of pass 1
       const A lr = static_cast<A>(fma(static_cast<double>(d), inv_tau, l0) - kl);
-      return ea > A(0) ? (ea * k1) * lr : A(0);
+      return ea > A(0) ? (ea * k1) * lr : k2;  // k2: 0, or NaN in an undefined row
     });
   }
 }

@@ -26,6 +26,8 @@ the gradient written once; 4 bytes per element without the gradient):
 
 The maxima start at -FLT_MAX, not -inf, so that -inf logits (zero probability) never produce
 inf - inf; every term whose weight is 0 is dropped by a select (never 0 * inf), as in C++.
+A row whose softmax is undefined on either side (a NaN or +inf logit: its sum z is NaN; every
+logit -inf: z = 0) stores loss NaN and an all-NaN gradient row, as the C++ kernels.
 Masked-out rows store loss 0 and a zero gradient row. The normaliser (rows for batchmean, rows * V
 for mean) is counted on the device (row_mask.sum()) and read by every program: no host sync.
 Per-row losses go to a [T] buffer (fp32 for reduction none, else fp64) that one small program
@@ -51,6 +53,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 REDUCE_NONE, REDUCE_SUM, REDUCE_MEAN, REDUCE_BATCHMEAN = 0, 1, 2, 3
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _NEG_BIG = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: the maxima before any entry
+_FLT_MIN, _FLT_MAX = 2.0 ** -126, 3.4028234663852886e38  # tau^2 must be a normal fp32 number
 
 
 def _next_pow2(n: int) -> int:
@@ -110,6 +113,20 @@ else:  # one reduction (one shared-memory round trip) for both maxima
     @triton.jit
     def _chunk_max(a, b):
         return tl.reduce((a, b), 0, _max2)
+
+
+if INTERPRET:  # the interpreter truncates fp32 -> bf16; the GPU rounds to nearest even: do that
+    @triton.jit
+    def _to_out(x, dtype: tl.constexpr):
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+        return x.to(dtype)
+else:
+    @triton.jit
+    def _to_out(x, dtype: tl.constexpr):
+        return x.to(dtype)
 
 
 @triton.jit
@@ -193,18 +210,23 @@ def _kl_rows_kernel(s_ptr, t_ptr, g_ptr, mask_ptr, cnt_ptr, loss_ptr, T, V, s_st
         za_t = tl.sum(za.to(tl.float64), axis=0)
         zb_t = tl.sum(zb.to(tl.float64), axis=0)
         s_t = tl.sum(acc_s.to(tl.float64), axis=0)
+        # Both sums finite and > 0 (>= 1: the maximum's own term), else a side's softmax is
+        # undefined (NaN from a NaN / +inf logit, 0 for a row of -inf): NaN loss and gradient.
+        defined = (za_t > 0) & (zb_t > 0) & (za_t < float("inf")) & (zb_t < float("inf"))
         lza = tl.log(za_t)
         lzb = tl.log(zb_t)
         if REVERSE:
             kl = s_t / za_t + lzb - lza
         else:
             kl = s_t / zb_t + lza - lzb
+        kl = tl.where(defined, kl, float("nan"))
         tau64 = tl.cast(tau, tl.float64)
         tl.store(loss_ptr + row, (kl * tau64 * tau64).to(loss_ptr.dtype.element_ty))
         # ---- pass 2: the gradient, from the final maxima and sums ----
         if HAS_GRAD:
             scale = _row_scale(cnt_ptr, T, V, REDUCTION, HAS_MASK).to(ACC)
-            c = tau * scale
+            c = tl.where(defined, tau * scale, float("nan"))
+            massless = tl.where(defined, 0.0, float("nan")).to(ACC)  # reverse: p_s == 0
             ra = (1.0 / za_t).to(ACC)
             rb = (1.0 / zb_t).to(ACC)
             shift = ((mb - ma).to(tl.float64) + lzb - lza - kl).to(ACC)
@@ -215,10 +237,10 @@ def _kl_rows_kernel(s_ptr, t_ptr, g_ptr, mask_ptr, cnt_ptr, loss_ptr, T, V, s_st
                 b = tl.load(t_row + idx, mask=m, other=0.0).to(ACC) * inv_tau
                 if REVERSE:
                     p = tl.exp(a - ma) * ra
-                    g = tl.where(p > 0, c * p * ((a - b) + shift), 0.0)
+                    g = tl.where(p > 0, c * p * ((a - b) + shift), massless)
                 else:
                     g = c * (tl.exp(a - ma) * ra - tl.exp(b - mb) * rb)
-                tl.store(g_row + idx, g.to(g_ptr.dtype.element_ty), mask=m)
+                tl.store(g_row + idx, _to_out(g, g_ptr.dtype.element_ty), mask=m)
     else:
         tl.store(loss_ptr + row, tl.zeros([], loss_ptr.dtype.element_ty))
         if HAS_GRAD:
@@ -268,8 +290,10 @@ def _check_inputs(student, teacher, row_mask, temperature, reduction, inplace) -
                         f"{teacher.dtype}")
     if teacher.device != student.device:
         raise ValueError(f"teacher logits must be on {student.device}, got {teacher.device}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if not (temperature > 0 and math.isfinite(temperature)
+            and _FLT_MIN <= temperature * temperature <= _FLT_MAX):
+        raise ValueError("temperature must be finite and > 0 with tau, 1/tau and tau^2 normal fp32 "
+                         f"numbers (about 1.1e-19 <= tau <= 1.8e19), got {temperature}")
     if not REDUCE_NONE <= reduction <= REDUCE_BATCHMEAN:
         raise ValueError(f"reduction code must be 0..3, got {reduction}")
     if inplace and not (student.stride(1) == 1 or student.size(1) <= 1):

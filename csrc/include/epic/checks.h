@@ -182,8 +182,13 @@ inline void check_kl_inputs(const at::Tensor& student, const at::Tensor& teacher
                    teacher.scalar_type());
   TORCH_CHECK_VALUE(teacher.device() == student.device(), "teacher logits must be on ",
                     student.device(), ", got ", teacher.device());
-  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature),
-                    "temperature must be finite and > 0, got ", temperature);
+  // The kernels use tau, 1 / tau and tau^2 in fp32: all three must be normal fp32 numbers.
+  const double tau2 = temperature * temperature;
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature) &&
+                        tau2 >= static_cast<double>(std::numeric_limits<float>::min()) &&
+                        tau2 <= static_cast<double>(std::numeric_limits<float>::max()),
+                    "temperature must be finite and > 0 with tau, 1/tau and tau^2 normal fp32 "
+                    "numbers (about 1.1e-19 <= tau <= 1.8e19), got ", temperature);
   TORCH_CHECK_VALUE(reduction >= kReduceNone && reduction <= kReduceBatchMean,
                     "reduction code must be 0..3, got ", reduction);
   TORCH_CHECK_VALUE(!inplace || (student.stride(1) == 1 || student.size(1) <= 1),

@@ -25,7 +25,10 @@
 //       tau^2 KL(p_t || p_s) (reverse: KL(p_s || p_t)) with p = softmax(logits / tau); grad is
 //       d loss / d student already divided by the normaliser (rows for batchmean, rows * V for
 //       mean), zero for masked-out rows, in the logits' dtype (written over student if inplace),
-//       or an empty tensor when compute_grad is false.
+//       or an empty tensor when compute_grad is false. A kept row whose softmax is undefined on
+//       either side (a NaN or +inf logit / tau, or every logit -inf) has loss NaN (so has a
+//       reduced loss) and an all-NaN gradient row; -inf logits elsewhere are legal. tau, 1 / tau
+//       and tau^2 must be normal fp32 numbers.
 //   attn_scores(q[B,H,Q,d], k[B,Hkv,L,d], lse[B,H,Q] fp32?, key_start[B] int64?, key_start_int,
 //               key_len, kv_start[B] int64?, kv_start_int, q_pos[B,Q] int64?, scale, causal,
 //               reduction) -> out[B, key_len] fp32: softmax probabilities of the query rows over
