@@ -350,11 +350,16 @@ def _accumulate_bgrad(acc: Tensor, g: Tensor) -> None:
         acc[v0:v0 + step] += g[:, v0:v0 + step].to(acc.dtype).sum(0)
 
 
+# Devices whose elementwise kernels read a 0-d fp32 tensor unrounded when they multiply a 16-bit
+# tensor by it (torch's CPU kernels take it as a scalar in fp32).
+_EXACT_SCALAR_MUL = {"cpu"}
+
+
 def _scale_(t: Tensor, scale: Tensor) -> Tensor:
     """t *= scale (a 0-d fp32 / fp64 tensor on t's device) without rounding scale to t's dtype.
     CUDA's elementwise kernels cast a 0-d device tensor to the common (fp16 / bf16) dtype, so
     there 16-bit tensors are scaled through fp32 in row blocks of at most _F32_SLICE_ELEMS."""
-    if t.dtype not in _HALF or t.device.type == "cpu" or t.numel() == 0:
+    if t.dtype not in _HALF or t.device.type in _EXACT_SCALAR_MUL or t.numel() == 0:
         return t.mul_(scale)
     flat = t.view(-1, t.shape[-1]) if t.dim() > 1 else t.view(1, -1)
     step = max(1, _F32_SLICE_ELEMS // max(1, flat.shape[1]))
@@ -382,7 +387,9 @@ class _FusedLinearKL(torch.autograd.Function):
         need_b = bias is not None and bias.requires_grad
         cdt = _logits_dtype(h_s, weight)
         acc = torch.float64 if cdt == torch.float64 else torch.float32
-        grad_h = torch.empty_like(h_s) if h_s.requires_grad else None
+        # contiguous whatever h_s is (_scale_ views it as rows); every row is written below
+        grad_h = (torch.empty(h_s.shape, dtype=h_s.dtype, device=h_s.device)
+                  if h_s.requires_grad else None)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         # The whole batch's normaliser, on the device: chunks are reduced with "sum", their

@@ -484,3 +484,19 @@ def test_fused_linear_kl_fp32_output_gemm_calls_are_valid(monkeypatch):
     K._rows_grad_into(out, g, w, torch.ones((), device="meta"))
     K._accumulate_wgrad(acc, g.t(), h)
     assert K._F32_OUT_GEMM == {"meta"} and acc.dtype == torch.float32
+
+
+def test_fused_linear_kl_scales_16bit_gradients_without_rounding_the_scale(monkeypatch):
+    """_scale_ (grad_output applied to the stored bf16 hidden-state gradient): the blockwise fp32
+    path used where a 0-d device tensor would be rounded to bf16 (CUDA) gives the exactly
+    rounded product, as the CPU's scalar path does, over several row blocks."""
+    from epic_ext import kl as K
+    gen = torch.Generator().manual_seed(26)
+    x = torch.randn(300, 70, generator=gen).bfloat16()
+    scale = torch.tensor(0.7123456)
+    exact = (x.double() * 0.7123456).bfloat16()
+    assert torch.equal(K._scale_(x.clone(), scale), exact)  # the CPU path
+    monkeypatch.setattr(K, "_EXACT_SCALAR_MUL", set())
+    monkeypatch.setattr(K, "_F32_SLICE_ELEMS", 1000)  # several row blocks
+    assert torch.equal(K._scale_(x.clone(), scale), exact)
+    assert not torch.equal(x * scale.bfloat16(), exact)  # what rounding the scale would give
