@@ -302,7 +302,7 @@ def kl_terms(student: torch.Tensor, teacher: torch.Tensor, tau: float, reverse: 
         fin = torch.where(torch.isfinite(t), t.abs(), torch.zeros_like(t))
         return fin.amax(-1) if t.shape[-1] else torch.zeros(t.shape[:-1], dtype=F64)
     size = (1 + (max_finite(s0) + max_finite(t0)) / tau).unsqueeze(-1)
-    cond = mag * tau * tau * size.squeeze(-1)
+    cond = 4 * mag * tau * tau * size.squeeze(-1)
     if reverse:
         a = torch.where(p_s > 0, log_s - log_t - kl_raw.unsqueeze(-1), torch.zeros_like(p_s))
         grad = p_s * a
@@ -317,7 +317,8 @@ def kl_terms(student: torch.Tensor, teacher: torch.Tensor, tau: float, reverse: 
     grad = grad * tau
     # + an absolute floor far below the row's scale: probabilities under ~1e-36 may underflow in
     # fp32 exp implementations.
-    gcond = gcond * tau * size + tau * 2.0 ** -100
+    # x 4: exp / log of the scaled logits in fp32 cost a few ulps of their size each.
+    gcond = 4 * gcond * tau * size + tau * 2.0 ** -100
     nan = torch.full_like(loss, float("nan"))
     loss = torch.where(undefined, nan, loss)
     grad = torch.where(undefined.unsqueeze(-1), torch.full_like(grad, float("nan")), grad)

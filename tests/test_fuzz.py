@@ -23,11 +23,15 @@ IQR counts must lie in the band the fence's fp32 rounding allows (exact when no 
 ~8 ulps of the fence). NaN where the semantics say NaN (D1 bad indices, D3 undefined KL rows),
 nowhere else.
 
-Length: by default a fixed number of cases per (op, backend), sized to stay within about two
-minutes on 2 CPU cores with the interpreter (its cases use smaller shapes). Longer on demand:
---fuzz-iters N (or EPIC_EXT_FUZZ_ITERS=N) cases per test, or EPIC_EXT_FUZZ_SECONDS=S to draw
-cases for S seconds per test; --fuzz-seed / EPIC_EXT_FUZZ_SEED moves the base seed. A failure
-lists every failing case with its seed and parameters, and the command that reruns one case.
+Backends are chosen with the ops' `backend=` argument; the backward of gather_merge / compress
+must run on the forward's backend (checked by recording the kernels it looks up).
+
+Length: by default a fixed number of cases per (op, backend) (DEFAULT_ITERS), about a minute in
+all on 2 CPU cores with the interpreter (whose cases use smaller shapes). Longer on demand:
+--fuzz-iters N (or EPIC_EXT_FUZZ_ITERS=N) cases per test, or --fuzz-seconds S
+(EPIC_EXT_FUZZ_SECONDS=S) to draw cases for S seconds per test; --fuzz-seed / EPIC_EXT_FUZZ_SEED
+moves the base seed. A failure lists every failing case with its seed and parameters, and the
+command that reruns one case.
 """
 from __future__ import annotations
 
@@ -692,7 +696,11 @@ def case_kl_div(rng, gen, name, dev, interp, desc):
     s_in = to_input(s, dev, layout, grad)
     if inplace:
         s_in = s.to(dev).clone().requires_grad_()
-    t_in = to_input(t, dev, rng.choice(LAYOUTS))
+    # Teacher rows stay paired with their student rows: both expanded or neither (mixing rows
+    # could pair a -inf logit with a target probability that underflows in fp32 but not in fp64:
+    # inf in the oracle, finite in fp32, both right).
+    t_layout = "expanded" if layout == "expanded" else rng.choice(LAYOUTS[:-1])
+    t_in = to_input(t, dev, t_layout)
     s_vals = s_in.detach().cpu().clone()   # before an in-place run overwrites them
     t_vals = t_in.cpu()
 
