@@ -143,6 +143,11 @@ class _forcing:
         _state.forced = self.previous
 
 
+def thread_forced() -> str | None:
+    """The backend forced on this thread by `use_backend` / `backend=` (not the environment)."""
+    return _state.forced
+
+
 def use_backend(name: str | None):
     """Force a backend for the ops run inside `with use_backend(name):` (None: automatic)."""
     if name is not None and name not in NAMES:

@@ -33,13 +33,23 @@ def _select_topk_impl(scores: Tensor, k: int) -> Tensor:
     return fn(scores, k)
 
 
+def _on(backend: Optional[str], impl, *args):
+    """impl(*args) with `backend` forced (None: as the calling thread has it). The registered ops
+    take the forcing as their last argument: under torch.compile a forcing inside the compiled
+    function (backend=, use_backend) exists only while tracing, and the op runs later."""
+    if backend is None:
+        return impl(*args)
+    with _backend.use_backend(backend):
+        return impl(*args)
+
+
 @torch.library.custom_op("epic_ext::select_topk", mutates_args=())
-def _select_topk(scores: Tensor, k: int) -> Tensor:
-    return _select_topk_impl(scores, k)
+def _select_topk(scores: Tensor, k: int, backend: Optional[str] = None) -> Tensor:
+    return _on(backend, _select_topk_impl, scores, k)
 
 
 @_select_topk.register_fake
-def _(scores, k):
+def _(scores, k, backend=None):
     return scores.new_empty((scores.shape[0], k), dtype=torch.int64)
 
 
@@ -49,12 +59,13 @@ def _iqr_select_impl(scores: Tensor, whisker: float, pooled: bool, max_k: int) -
 
 
 @torch.library.custom_op("epic_ext::iqr_select", mutates_args=())
-def _iqr_select(scores: Tensor, whisker: float, pooled: bool, max_k: int) -> tuple[Tensor, Tensor]:
-    return _iqr_select_impl(scores, whisker, pooled, max_k)
+def _iqr_select(scores: Tensor, whisker: float, pooled: bool, max_k: int,
+                backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    return _on(backend, _iqr_select_impl, scores, whisker, pooled, max_k)
 
 
 @_iqr_select.register_fake
-def _(scores, whisker, pooled, max_k):
+def _(scores, whisker, pooled, max_k, backend=None):
     B, N = scores.shape
     return scores.new_empty((B,), dtype=torch.int64), scores.new_empty((B, N), dtype=torch.int64)
 
@@ -91,12 +102,12 @@ def _gather_merge_impl(tokens: Tensor, idx: Tensor, counts: Optional[Tensor], me
 
 @torch.library.custom_op("epic_ext::gather_merge", mutates_args=())
 def _gather_merge(tokens: Tensor, idx: Tensor, counts: Optional[Tensor], merge: int,
-                  weights: Optional[Tensor], check_index: bool) -> Tensor:
-    return _gather_merge_impl(tokens, idx, counts, merge, weights, check_index)
+                  weights: Optional[Tensor], check_index: bool, backend: Optional[str] = None) -> Tensor:
+    return _on(backend, _gather_merge_impl, tokens, idx, counts, merge, weights, check_index)
 
 
 @_gather_merge.register_fake
-def _(tokens, idx, counts, merge, weights, check_index):
+def _(tokens, idx, counts, merge, weights, check_index, backend=None):
     B, _, D = tokens.shape
     return tokens.new_empty((B, idx.shape[1] + (merge != MERGE_NONE), D))
 
@@ -129,12 +140,12 @@ def _compress_topk_impl(tokens: Tensor, scores: Tensor, k: int, merge: int,
 
 @torch.library.custom_op("epic_ext::compress_topk", mutates_args=())
 def _compress_topk(tokens: Tensor, scores: Tensor, k: int, merge: int,
-                   weights: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _compress_topk_impl(tokens, scores, k, merge, weights)
+                   weights: Optional[Tensor], backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    return _on(backend, _compress_topk_impl, tokens, scores, k, merge, weights)
 
 
 @_compress_topk.register_fake
-def _(tokens, scores, k, merge, weights):
+def _(tokens, scores, k, merge, weights, backend=None):
     B, _, D = tokens.shape
     return (tokens.new_empty((B, k + (merge != MERGE_NONE), D)),
             tokens.new_empty((B, k), dtype=torch.int64))
@@ -159,8 +170,9 @@ def _weights_grad(grad_out, tokens, idx, counts, merge, weights):
 def _setup_gather(ctx, inputs, output):
     tokens, idx, counts, merge, weights = inputs[:5]
     ctx.merge, ctx.n_tokens = merge, tokens.shape[1]
-    # setup_context runs right after the forward, on its thread and under its forcing.
-    ctx.backend = _backend.resolve(tokens.device)
+    # The forward's backend: the op's own argument, else the forcing of this thread (setup_context
+    # runs right after the forward, on its thread), resolved now.
+    ctx.backend = inputs[6] or _backend.resolve(tokens.device)
     need_w = weights is not None and merge == MERGE_WEIGHTED and ctx.needs_input_grad[4]
     ctx.save_for_backward(idx, counts, weights, tokens if need_w else None)
 
@@ -179,18 +191,18 @@ def _gather_backward(ctx, grad_out, *unused):
 
 def _gather_merge_autograd(ctx, grad_out):
     grad_tokens, grad_w = _gather_backward(ctx, grad_out)
-    return grad_tokens, None, None, None, grad_w, None
+    return grad_tokens, None, None, None, grad_w, None, None
 
 
 def _setup_compress(ctx, inputs, output):
-    tokens, scores, k, merge, weights = inputs
+    tokens, scores, k, merge, weights, backend = inputs
     _, idx = output
-    _setup_gather(ctx, (tokens, idx, None, merge, weights), None)
+    _setup_gather(ctx, (tokens, idx, None, merge, weights, False, backend), None)
 
 
 def _compress_autograd(ctx, grad_out, grad_idx):
     grad_tokens, grad_w = _gather_backward(ctx, grad_out)
-    return grad_tokens, None, None, None, grad_w
+    return grad_tokens, None, None, None, grad_w, None
 
 
 _gather_merge.register_autograd(_gather_merge_autograd, setup_context=_setup_gather)
@@ -305,6 +317,8 @@ def _run(backend, registered, direct, *args, differentiable=()):
             if t is not None and t.requires_grad:
                 fn = registered
                 break
+    if fn is registered:  # the forcing travels as the op's argument (see _on)
+        args = (*args, backend or _backend.thread_forced())
     if backend is None:
         return fn(*args)
     with _backend.use_backend(backend):

@@ -199,3 +199,30 @@ def test_backend_argument_traces_under_torch_compile_in_a_fresh_thread():
     assert len(result) == 2, "the compiled call raised (see the thread's traceback above)"
     torch.testing.assert_close(result[1], epic_ext.compress(tokens, scores, 4).tokens)
     torch._dynamo.reset()
+
+
+def test_forcing_reaches_the_compiled_graph(monkeypatch):
+    """Under torch.compile a forcing inside the compiled function (backend=) exists only while
+    tracing: the backend travels into the graph as an argument of the op, so the forward and
+    the backward run on it when the graph runs."""
+    from epic_ext import reference
+    forward_calls = []
+    real_forward = reference.compress_topk
+
+    def counting(*args):
+        forward_calls.append(1)
+        return real_forward(*args)
+
+    monkeypatch.setattr(reference, "compress_topk", counting)
+    backward_calls = _count_reference_backward(monkeypatch)
+    gen = torch.Generator().manual_seed(24)
+    tokens = torch.randn(2, 9, 4, generator=gen, requires_grad=True)
+    scores = torch.randn(2, 9, generator=gen)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t, s: epic_ext.compress(t, s, 4, backend="reference").tokens,
+                       backend="eager", fullgraph=True)
+    forward_calls.clear()
+    out = fn(tokens, scores)
+    out.sum().backward()
+    torch._dynamo.reset()
+    assert len(forward_calls) >= 1 and len(backward_calls) == 1
