@@ -206,6 +206,9 @@ def _compress_autograd(ctx, grad_out, grad_idx):
 
 
 _gather_merge.register_autograd(_gather_merge_autograd, setup_context=_setup_gather)
+# The registered ops that take the forcing as their last argument (attn_scores, which also runs
+# through _run, does not).
+_FORCING_AS_ARGUMENT = frozenset((_select_topk, _iqr_select, _gather_merge, _compress_topk))
 _compress_topk.register_autograd(_compress_autograd, setup_context=_setup_compress)
 
 
@@ -317,7 +320,7 @@ def _run(backend, registered, direct, *args, differentiable=()):
             if t is not None and t.requires_grad:
                 fn = registered
                 break
-    if fn is registered:  # the forcing travels as the op's argument (see _on)
+    if fn is registered and registered in _FORCING_AS_ARGUMENT:  # see _on
         args = (*args, backend or _backend.thread_forced())
     if backend is None:
         return fn(*args)
