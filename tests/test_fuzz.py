@@ -58,9 +58,9 @@ F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float6
 ALL_FLOATS = [F32, F16, BF16, F64]
 # Cases per (op, backend) by default: compiled backends / the Triton interpreter (slow: ~0.1-1 s
 # a launch).
-DEFAULT_ITERS = {"select_topk": (150, 12), "iqr_select": (150, 10), "gather_merge": (80, 12),
-                 "compress": (80, 10), "kl_div": (80, 12), "fused_linear_kl": (20, 6),
-                 "attn_scores": (40, 8)}
+DEFAULT_ITERS = {"select_topk": (200, 16), "iqr_select": (200, 12), "gather_merge": (120, 16),
+                 "compress": (120, 12), "kl_div": (120, 16), "fused_linear_kl": (30, 8),
+                 "attn_scores": (60, 10)}
 
 
 # --------------------------------------------------------------------------- the driver
