@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _backend
+from . import _backend, reference
 from .reference import MERGE_CODES, MERGE_NONE, MERGE_WEIGHTED
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -154,17 +154,17 @@ def _(tokens, scores, k, merge, weights, backend=None):
 # --------------------------------------------------------------------------- autograd
 
 def _weights_grad(grad_out, tokens, idx, counts, merge, weights):
-    """d loss / d weights[b, n] = <grad of the merged row, tokens[b, n]> for dropped rows."""
+    """d loss / d weights[b, n] = <grad of the merged row, tokens[b, n]> for dropped rows; NaN for
+    every weight of an image whose indices or count are out of range (the forward's NaN rows)."""
     B, N, _ = tokens.shape
-    K = idx.shape[1]
-    pos = counts if counts is not None else torch.full((B,), K, device=idx.device)
-    grad_merged = grad_out.gather(1, pos.view(B, 1, 1).expand(B, 1, grad_out.shape[2]))
-    valid = torch.arange(K, device=idx.device) < pos.view(B, 1)
+    n_valid, valid, bad = reference.index_plan(idx, counts, N)
+    grad_merged = grad_out.gather(1, n_valid.view(B, 1, 1).expand(B, 1, grad_out.shape[2]))
     referenced = torch.zeros(B, N + 1, dtype=torch.bool, device=idx.device)
     referenced.scatter_(1, torch.where(valid, idx, torch.full_like(idx, N)), True)
     acc = torch.float64 if tokens.dtype == torch.float64 else torch.float32
     dots = torch.bmm(tokens.to(acc), grad_merged.to(acc).transpose(1, 2)).squeeze(-1)
-    return torch.where(referenced[:, :N], torch.zeros_like(dots), dots).to(weights.dtype)
+    dots = torch.where(referenced[:, :N], torch.zeros_like(dots), dots)
+    return dots.masked_fill(bad.view(B, 1), float("nan")).to(weights.dtype)
 
 
 def _setup_gather(ctx, inputs, output):
@@ -407,7 +407,7 @@ def gather_merge(tokens: Tensor, idx: Tensor, merge: str = "mean", weights: Tens
         _check_tensor(weights, "weights", 2)
     if check is not None and not isinstance(check, bool):
         raise TypeError(f"check must be a bool or None, got {type(check).__name__}")
-    check_index = tokens.device.type == "cpu" if check is None else check
+    check_index = tokens.is_cpu if check is None else check
     return _run(backend, _gather_merge, _gather_merge_impl, tokens, idx, counts, code, weights,
                 check_index, differentiable=(tokens, weights))
 

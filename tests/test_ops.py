@@ -213,7 +213,8 @@ def test_gather_merge_bad_index_unchecked_gives_nan_rows(backend, case, merge, p
     want = R.gather_merge(base, idx, counts, code, weights)
     assert want[1].isnan().all() and not want[0].isnan().any()
     tokens = base.clone().to(dev).requires_grad_()
-    args = (idx.to(dev), merge, None if weights is None else weights.to(dev))
+    w_dev = None if weights is None else weights.to(dev).requires_grad_()
+    args = (idx.to(dev), merge, w_dev)
     if backend[0] == "cpu":
         with pytest.raises(ValueError, match="counts" if case.startswith("counts") else "idx"):
             epic_ext.gather_merge(tokens, *args, counts=counts.to(dev), check=False)
@@ -227,6 +228,8 @@ def test_gather_merge_bad_index_unchecked_gives_nan_rows(backend, case, merge, p
     want_grad = R.gather_merge_backward(grad, idx, counts, code, weights, 7)
     assert want_grad[1].isnan().all() and tokens.grad[1].isnan().all()
     assert_close(tokens.grad[0], want_grad[0])
+    if w_dev is not None:  # the weights' gradient: memory-safe, NaN for the bad image only
+        assert w_dev.grad[1].isnan().all() and not w_dev.grad[0].isnan().any()
     # The spec's own autograd agrees with its explicit backward.
     t_ref = base.clone().requires_grad_()
     R.gather_merge(t_ref, idx, counts, code, weights).backward(grad)

@@ -123,8 +123,8 @@ def _grid_steps(counts: Tensor, n: int) -> Tensor:
 
 
 def _gather_weighted(tokens: Tensor, idx: Tensor, counts: Tensor, weights: Tensor) -> Tensor:
-    # The public gather_merge range-checks caller indices with a host read on GPU backends;
-    # these are built on the device and in range by construction, so skip that check.
+    # Indices built on the device, in range by construction: no range check (on CPU tensors the
+    # public gather_merge would check them).
     return ops._run(None, ops._gather_merge, ops._gather_merge_impl, tokens, idx, counts,
                     MERGE_WEIGHTED, weights, False, differentiable=(tokens, weights))
 
