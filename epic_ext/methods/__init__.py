@@ -28,6 +28,9 @@ class MethodSpec:
     config_cls: type
     fn: Callable
 
+    def has_option(self, name: str) -> bool:
+        return any(f.name == name for f in fields(self.config_cls))
+
     def make_config(self, **options) -> MethodConfig:
         known = {f.name for f in fields(self.config_cls)}
         unknown = sorted(set(options) - known)

@@ -37,7 +37,7 @@ def apply(model, method: str = "dart", keep=None, **options):
     (e.g. ``layer`` for in-LLM methods). Applying again replaces the previous method."""
     apply_fn, _ = _arch(model)
     spec = get_method(method)
-    if spec.stage == "vision" and "layer" in options:
+    if spec.stage == "vision" and "layer" in options and not spec.has_option("layer"):
         raise ValueError(f"layer: {spec.name} reduces before the projector and has no layer option")
     cfg = spec.make_config(keep=keep, **options)
     revert(model)

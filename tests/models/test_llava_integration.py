@@ -247,6 +247,9 @@ def test_apply_revert_and_errors(model):
         apply(model, "none", layer=99)
     with pytest.raises(ValueError, match="layer"):
         apply(model, "test_vision_topk", keep=4, layer=2)
+    apply(model, "prumerge", layer=-2)        # a vision method whose own option is a CLIP layer
+    assert applied_method(model)[1].layer == -2
+    revert(model)
     with pytest.raises(ValueError, match="model"):
         apply(torch.nn.Linear(2, 2), "none")
     apply(model, "test_norm_topk", keep=16, layer=1)
