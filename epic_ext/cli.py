@@ -173,7 +173,8 @@ def _configure_infer(p: argparse.ArgumentParser) -> None:
                         "LLaVA checkpoint folder")
     p.add_argument("--method", default=None, help="token-reduction method (default: none)")
     p.add_argument("--keep", default=None, help="visual tokens kept: a count, or a ratio like 0.25")
-    p.add_argument("--layer", type=int, default=None, help="decoder layer K of in-LLM methods")
+    p.add_argument("--layer", type=int, default=None,
+                   help="decoder layer K of in-LLM methods (PruMerge: its CLIP encoder layer)")
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                    help="another method option (repeatable), e.g. --option sign=1")
     p.add_argument("--clip", default=None, metavar="PATH",
@@ -242,8 +243,6 @@ def _check_infer_args(args: argparse.Namespace) -> tuple[dict, object]:
         raise ValueError(f"--top-k: must be >= 1, got {args.top_k}")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise ValueError(f"--temperature: must be a finite number > 0, got {args.temperature}")
-    if args.layer is not None and args.layer < 0:
-        raise ValueError(f"--layer: must be >= 0, got {args.layer}")
     if args.model not in PRESET_NAMES:
         if not os.path.isdir(args.model):
             raise FileNotFoundError(f"--model: {args.model!r} is neither a tiny preset "
@@ -302,10 +301,11 @@ def _check_method(args: argparse.Namespace, options: dict, keep, llava_config, c
     from .methods.trim import check_keep
     spec = get_method(args.method or "none")
     depth = llava_config.text_config.num_hidden_layers
-    if args.layer is not None and args.layer >= depth:
-        raise ValueError(f"--layer: the model has {depth} decoder layers, got {args.layer}")
-    if spec.stage == "vision" and "layer" in options:
+    if spec.stage == "vision" and "layer" in options and not spec.has_option("layer"):
         raise ValueError(f"--layer: {spec.name} reduces before the projector and has no layer")
+    if spec.stage == "llm" and args.layer is not None and not 0 <= args.layer < depth:
+        raise ValueError(f"--layer: a decoder layer in [0, {depth - 1}] (the model has {depth}), "
+                         f"got {args.layer}")
     if spec.name != "trim":
         spec.make_config(keep=keep, **options)
         return

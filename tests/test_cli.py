@@ -231,7 +231,8 @@ def test_model_level_mistakes_are_one_line(capsys):
     """Checks that need the method registry or the model's config, still before any weights load."""
     from epic_ext.cli import main
     for argv, pattern in ((["--method", "nope"], "method: unknown method 'nope'"),
-                          (["--method", "dart", "--layer", "9"], "--layer: the model has 4 decoder layers"),
+                          (["--method", "dart", "--layer", "9"], "--layer: a decoder layer in [0, 3]"),
+                          (["--method", "fastv", "--layer", "-1"], "--layer: a decoder layer in [0, 3]"),
                           (["--method", "dart", "--option", "foo=1"], "has no option(s) ['foo']"),
                           (["--method", "visionzip", "--layer", "2"], "--layer: visionzip reduces before")):
         assert main(["infer", *argv]) == 2
