@@ -70,17 +70,19 @@ def load_tokenizer(cfg: TrainConfig, model):
 
 
 def load_dataset(cfg: TrainConfig, tokenizer, model):
-    from .data import LlavaConversationDataset
+    from .data import ClipImageProcessor, LlavaConversationDataset
     image_token_id = model.config.image_token_id
+    # Images at the vision tower's own resolution (336 px for LLaVA-1.5's CLIP), as save_final's
+    # processor will prepare them at inference.
+    common = dict(image_processor=ClipImageProcessor(size=model.config.vision_config.image_size),
+                  image_token_id=image_token_id, image_tokens=model.config.image_seq_length,
+                  max_length=cfg.max_length)
     if "synthetic" in cfg.data:
         from . import synthetic
         opts = dict(cfg.data["synthetic"])
         records = synthetic.generate(int(opts.pop("n", 1024)), int(opts.pop("seed", 0)), **opts)
-        return LlavaConversationDataset(records, synthetic.render_images(records), tokenizer,
-                                        image_token_id=image_token_id, image_tokens=model.config.image_seq_length,
-                                        max_length=cfg.max_length)
-    return LlavaConversationDataset(cfg.data["json"], cfg.data["images"], tokenizer, image_token_id=image_token_id,
-                                    image_tokens=model.config.image_seq_length, max_length=cfg.max_length)
+        return LlavaConversationDataset(records, synthetic.render_images(records), tokenizer, **common)
+    return LlavaConversationDataset(cfg.data["json"], cfg.data["images"], tokenizer, **common)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -289,7 +291,7 @@ def _save_final(model, tokenizer, folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     try:
-        llava_processor(model.config, tokenizer).save_pretrained(tmp)
+        llava_processor(model.config, tokenizer, model.config.vision_config.image_size).save_pretrained(tmp)
     except Exception as e:   # noqa: BLE001 - the weights must survive; say what is missing
         warnings.warn(f"final model: the processor could not be saved ({type(e).__name__}: {e}); {folder} holds "
                       f"the weights and the tokenizer only", RuntimeWarning, stacklevel=2)

@@ -138,3 +138,17 @@ def test_two_processes_match_one(tmp_path):
     assert len(curves[1]) == 3
     for a, b in zip(curves[1], curves[2]):
         assert abs(a - b) <= 1e-5 * abs(a), curves
+
+
+def test_dataset_images_follow_the_vision_tower_size():
+    """Training images are prepared at the tower's own resolution, not a fixed 336 px."""
+    from types import SimpleNamespace
+
+    from epic_ext.train.tokenizer import build_tokenizer
+    from epic_ext.train.trainer import load_dataset
+    tok = build_tokenizer(512)
+    config = SimpleNamespace(image_token_id=511, image_seq_length=16,
+                             vision_config=SimpleNamespace(image_size=56))
+    cfg = TrainConfig.from_dict({**BASE, "data": {"synthetic": {"n": 2, "seed": 0}}})
+    ds = load_dataset(cfg, tok, SimpleNamespace(config=config))
+    assert tuple(ds[0]["pixel_values"].shape) == (3, 56, 56)
