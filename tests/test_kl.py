@@ -426,12 +426,14 @@ def test_fused_linear_kl_bf16_gradients_unbiased(kl_backend, reduction):
         assert (err <= 2.0 ** -7 * ref.abs() + 1e-3 * ref.abs().max()).all(), name
 
 
-def test_fused_linear_kl_keeps_no_fp32_copy_of_a_chunk():
+def test_fused_linear_kl_keeps_no_fp32_copy_of_a_chunk(monkeypatch):
     """The bf16 forward + backward makes no fp32 tensor as large as a chunk of logits: GEMMs in
     bf16 with fp32 accumulation (an fp32 output on CUDA; on the CPU, fp32 slices of at most
-    _F32_SLICE_ELEMS), the logits themselves in bf16."""
+    _F32_SLICE_ELEMS, 16 MiB by default, lowered here so that a small chunk shows the bound),
+    the logits themselves in bf16."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from epic_ext import kl as K
+    monkeypatch.setattr(K, "_F32_SLICE_ELEMS", 1 << 20)
 
     T, H, V, chunk = 512, 32, 16384, 256
     gen = torch.Generator().manual_seed(25)
