@@ -318,7 +318,7 @@ def kl_terms(student: torch.Tensor, teacher: torch.Tensor, tau: float, reverse: 
     # + an absolute floor far below the row's scale: probabilities under ~1e-36 may underflow in
     # fp32 exp implementations.
     # x 4: exp / log of the scaled logits in fp32 cost a few ulps of their size each.
-    gcond = 4 * gcond * tau * size + tau * 2.0 ** -100
+    gcond = 4 * gcond * tau * size + tau * 2.0 ** -90
     nan = torch.full_like(loss, float("nan"))
     loss = torch.where(undefined, nan, loss)
     grad = torch.where(undefined.unsqueeze(-1), torch.full_like(grad, float("nan")), grad)
