@@ -379,7 +379,7 @@ def make_gather_case(rng, gen, interp, desc, N, B):
         garbage = torch.randint(-3, N + 4, (B, K), generator=gen)
         idx = torch.where(pad, garbage if rng.random() < 0.5 else torch.full_like(idx, -1), idx)
     bad_kind = None
-    if B > 0 and rng.random() < 0.12:
+    if B > 0 and rng.random() < 0.25:
         b = rng.randrange(B)
         if counts is not None and rng.random() < 0.4:
             counts[b] = rng.choice([K + 1, -1])
