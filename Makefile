@@ -51,7 +51,7 @@ test: test-cpp test-python
 # compute-sanitizer, one summary (benchmarks/gpu_check.py; README "GPU check"). Without a GPU both
 # say so; gpu-check then lists what it would run and exits 0.
 GPU_PY = $(if $(wildcard $(VENV)/bin/python),$(PY),$(PYTHON))
-GPU_TESTS := tests/gpu tests/test_ops.py tests/test_kl.py tests/test_attn_scores.py tests/test_backend.py
+GPU_TESTS = $(shell $(GPU_PY) -c "from benchmarks.gpu_check import GPU_TEST_PATHS as p; print(*p)")
 
 test-gpu:
 	@$(GPU_PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA device is visible (make test runs the CPU suite)')"

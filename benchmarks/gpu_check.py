@@ -49,9 +49,9 @@ PYSITE = ROOT / "build" / "pysite"
 DEFAULT_BUDGET_S = 540
 
 # The kernel test files that run on CUDA tensors (tests/test_triton_*.py are interpreter-only;
-# the model / training tests run on the CPU in `make test`). The Makefile's test-gpu uses these.
+# the model / training tests run on the CPU in `make test`). The Makefile's test-gpu reads these.
 GPU_TEST_PATHS = ["tests/gpu", "tests/test_ops.py", "tests/test_kl.py",
-                  "tests/test_attn_scores.py", "tests/test_backend.py"]
+                  "tests/test_attn_scores.py", "tests/test_backend.py", "tests/test_fuzz.py"]
 
 # GPU-size presets of the benchmarks: capped repetitions, no torch.compile provider (a compile
 # costs 10-30 s a case; run a bench by hand with the same options minus --no-compile for it).
