@@ -69,6 +69,23 @@ def backend(request):
 
 
 @contextlib.contextmanager
+def kernels_resolved():
+    """Records (op, backend name) of every kernel looked up inside the block."""
+    seen = []
+    real = _backend.kernel
+
+    def spy(op, device):
+        fn, name = real(op, device)
+        seen.append((op, name))
+        return fn, name
+    _backend.kernel = spy
+    try:
+        yield seen
+    finally:
+        _backend.kernel = real
+
+
+@contextlib.contextmanager
 def poisoned_outputs():
     """Every fresh tensor a kernel allocates starts as NaN / INT64_MIN / True, so a kernel that
     leaves an element unwritten fails the comparison."""

@@ -4,6 +4,7 @@ import torch
 
 import epic_ext
 from epic_ext import _backend
+from conftest import kernels_resolved
 
 
 def test_backends_report_every_name_with_a_reason():
@@ -21,24 +22,16 @@ def test_automatic_choice_for_cpu_tensors():
 
 def test_forcing_by_argument_context_and_env(monkeypatch):
     scores = torch.randn(3, 11)
-    calls = []
-    real = _backend.kernel
-
-    def spy(op, device):
-        fn, name = real(op, device)
-        calls.append(name)
-        return fn, name
-
-    monkeypatch.setattr(_backend, "kernel", spy)
-    epic_ext.select_topk(scores, 4, backend="reference")
-    with epic_ext.use_backend("reference"):
+    with kernels_resolved() as calls:
+        epic_ext.select_topk(scores, 4, backend="reference")
+        with epic_ext.use_backend("reference"):
+            epic_ext.select_topk(scores, 4)
+        monkeypatch.setenv("EPIC_EXT_BACKEND", "reference")
         epic_ext.select_topk(scores, 4)
-    monkeypatch.setenv("EPIC_EXT_BACKEND", "reference")
-    epic_ext.select_topk(scores, 4)
-    assert calls == ["reference"] * 3
-    monkeypatch.delenv("EPIC_EXT_BACKEND")
-    epic_ext.select_topk(scores, 4)
-    assert calls[-1] == _backend.resolve(scores.device)
+        assert [name for _, name in calls] == ["reference"] * 3
+        monkeypatch.delenv("EPIC_EXT_BACKEND")
+        epic_ext.select_topk(scores, 4)
+    assert calls[-1][1] == _backend.resolve(scores.device)
 
 
 def test_bad_backend_names_and_impossible_choices():
@@ -155,7 +148,7 @@ def test_unforced_backward_ignores_a_later_forcing(monkeypatch):
     assert calls == []
 
 
-def test_kl_backward_calls_no_kernel(monkeypatch):
+def test_kl_backward_calls_no_kernel():
     """kl_div and fused_linear_kl compute the gradient in the forward (on the forced backend);
     their backward only scales it, so no backend choice happens after the forward."""
     gen = torch.Generator().manual_seed(22)
@@ -163,20 +156,12 @@ def test_kl_backward_calls_no_kernel(monkeypatch):
     teacher = torch.randn(3, 11, generator=gen)
     hidden = torch.randn(3, 6, generator=gen, requires_grad=True)
     weight = torch.randn(11, 6, generator=gen, requires_grad=True)
-    calls = []
-    real = _backend.kernel
-
-    def spy(op, device):
-        fn, name = real(op, device)
-        calls.append((op, name))
-        return fn, name
-
-    monkeypatch.setattr(_backend, "kernel", spy)
-    loss = epic_ext.kl_div(student, teacher, backend="reference") + \
-        epic_ext.fused_linear_kl(hidden, hidden.detach() + 0.1, weight, backend="reference")
+    with kernels_resolved() as calls:
+        loss = epic_ext.kl_div(student, teacher, backend="reference") + \
+            epic_ext.fused_linear_kl(hidden, hidden.detach() + 0.1, weight, backend="reference")
     assert calls and all(name == "reference" for _, name in calls)
-    calls.clear()
-    loss.backward()
+    with kernels_resolved() as calls:
+        loss.backward()
     assert calls == []
 
 

@@ -35,7 +35,6 @@ command that reruns one case.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import os
@@ -47,8 +46,7 @@ import torch
 
 import epic_ext
 import fuzz_oracle as O
-from conftest import BACKEND_IDS, BACKENDS, is_interpreted, poisoned_outputs
-from epic_ext import _backend
+from conftest import BACKEND_IDS, BACKENDS, is_interpreted, kernels_resolved, poisoned_outputs
 
 # Every backend is chosen by the ops' `backend=` argument (not by a forcing around the whole
 # test), as a user does; so a backward that ignores the forward's backend shows.
@@ -422,23 +420,6 @@ def grad_output(rng, gen, shape, dtype):
     sign = torch.randint(0, 2, shape, generator=gen).to(F64) * 2 - 1
     small = torch.rand(shape, generator=gen, dtype=F64) * 2.0 ** -7
     return torch.where(torch.rand(shape, generator=gen) < 0.3, small, sign).to(dtype), "cancel"
-
-
-@contextlib.contextmanager
-def kernels_resolved():
-    """Records (op, backend name) of every kernel looked up inside the block."""
-    seen = []
-    real = _backend.kernel
-
-    def spy(op, device):
-        fn, name = real(op, device)
-        seen.append((op, name))
-        return fn, name
-    _backend.kernel = spy
-    try:
-        yield seen
-    finally:
-        _backend.kernel = real
 
 
 def run_gather_backward(rng, name, out, tok_in, w_in, tokens, idx, counts, merge, weights, gen,
