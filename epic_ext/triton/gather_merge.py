@@ -42,6 +42,7 @@ from .select import (INTERPRET, MAX_N, check_k, check_scores, next_pow2, on_tens
                      select_rows_into)
 
 _BIG = tl.constexpr(2147483647)  # first[] of a row that no valid idx references
+_CASCADE = tl.constexpr(16)  # row groups per lane in the first level of the merge sum
 
 MERGE_NONE, MERGE_MEAN, MERGE_WEIGHTED = 0, 1, 2
 
@@ -176,17 +177,22 @@ def _gather_merge_kernel(x_ptr, idx_ptr, counts_ptr, w_ptr, first_ptr, ndrop_ptr
             keep = (j < n_out) & (j != valid)  # the merged slot is written below
         tl.store(out_b + j.to(tl.int64)[:, None] * out_sk, v, mask=keep[:, None] & dm)
     if MERGE != 0:
+        # Two-level sum (each lane adds _CASCADE row groups, then the groups' sums are added):
+        # the rounding error stays near torch's own reduction however large N is.
         acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-        for n0 in tl.range(0, N, BLOCK_R, num_stages=STAGES):
-            n = n0 + rows
-            f = tl.load(first_ptr + b * N + n, mask=n < N, other=0)
-            drop = (n < N) & (f == _BIG)
-            v = tl.load(x_b + n.to(tl.int64)[:, None] * x_sn + col, mask=drop[:, None] & dm,
-                        other=0.0).to(ACC)
-            if MERGE == 2:
-                w = tl.load(w_ptr + b * w_sb + n * w_sn, mask=drop, other=0.0).to(ACC)
-                v = v * w[:, None]
-            acc += v
+        for n1 in range(0, N, BLOCK_R * _CASCADE):
+            part = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+            for n0 in tl.range(n1, n1 + BLOCK_R * _CASCADE, BLOCK_R, num_stages=STAGES):
+                n = n0 + rows
+                f = tl.load(first_ptr + b * N + n, mask=n < N, other=0)
+                drop = (n < N) & (f == _BIG)
+                v = tl.load(x_b + n.to(tl.int64)[:, None] * x_sn + col, mask=drop[:, None] & dm,
+                            other=0.0).to(ACC)
+                if MERGE == 2:
+                    w = tl.load(w_ptr + b * w_sb + n * w_sn, mask=drop, other=0.0).to(ACC)
+                    v = v * w[:, None]
+                part += v
+            acc += part
         merged = tl.sum(acc, axis=0)
         if MERGE == 1:
             merged = merged / tl.maximum(tl.load(ndrop_ptr + b), 1).to(ACC)
@@ -263,20 +269,23 @@ def _compress_kernel(x_ptr, w_ptr, out_ptr, slot_ptr, N, K, D, x_sb, x_sn, x_sd,
     out_b = out_ptr + b * out_sb + d[None, :]
     rows = tl.arange(0, BLOCK_R)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-    for n0 in tl.range(0, N, BLOCK_R, num_stages=STAGES):
-        n = n0 + rows
-        nm = n < N
-        p = tl.load(slot + n, mask=nm, other=-1)
-        kept = p >= 0
-        lm = nm if MERGE != 0 else kept
-        v = tl.load(x_b + n.to(tl.int64)[:, None] * x_sn + col, mask=lm[:, None] & dm, other=0.0)
-        tl.store(out_b + p.to(tl.int64)[:, None] * out_sk, v, mask=kept[:, None] & dm)
-        if MERGE != 0:
-            v = tl.where(kept[:, None], 0.0, v.to(ACC))
-            if MERGE == 2:
-                w = tl.load(w_ptr + b * w_sb + n * w_sn, mask=nm & ~kept, other=0.0).to(ACC)
-                v = v * w[:, None]
-            acc += v
+    for n1 in range(0, N, BLOCK_R * _CASCADE):  # two-level merge sum, as in _gather_merge_kernel
+        part = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+        for n0 in tl.range(n1, n1 + BLOCK_R * _CASCADE, BLOCK_R, num_stages=STAGES):
+            n = n0 + rows
+            nm = n < N
+            p = tl.load(slot + n, mask=nm, other=-1)
+            kept = p >= 0
+            lm = nm if MERGE != 0 else kept
+            v = tl.load(x_b + n.to(tl.int64)[:, None] * x_sn + col, mask=lm[:, None] & dm, other=0.0)
+            tl.store(out_b + p.to(tl.int64)[:, None] * out_sk, v, mask=kept[:, None] & dm)
+            if MERGE != 0:
+                v = tl.where(kept[:, None], 0.0, v.to(ACC))
+                if MERGE == 2:
+                    w = tl.load(w_ptr + b * w_sb + n * w_sn, mask=nm & ~kept, other=0.0).to(ACC)
+                    v = v * w[:, None]
+                part += v
+        acc += part
     if MERGE != 0:
         merged = tl.sum(acc, axis=0)
         if MERGE == 1:
