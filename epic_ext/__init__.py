@@ -15,13 +15,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "backends": ("_backend", "backends"), "use_backend": ("_backend", "use_backend"),
     "attn_scores": ("attn", "attn_scores"),
-    "fused_linear_kl": ("kl", "fused_linear_kl"), "kl_div": ("kl", "kl_div"),
+    "fused_linear_kl": ("kl_linear", "fused_linear_kl"), "kl_div": ("kl", "kl_div"),
     **{name: ("ops", name) for name in ("Compressed", "IQRSelection", "compress", "gather_merge",
                                          "iqr_select", "resolve_k", "select_topk")},
     "apply": ("models", "apply"), "revert": ("models", "revert"), "infer": ("inference", "infer"),
     "available_methods": ("methods", "available_methods"),
 }
-_SUBMODULES = ("reference", "ops", "kl", "attn", "cost", "inference", "machine", "methods", "models",
+_SUBMODULES = ("reference", "ops", "kl", "kl_linear", "attn", "cost", "inference", "machine", "methods", "models",
                "train", "triton", "cli")
 
 

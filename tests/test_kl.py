@@ -432,7 +432,7 @@ def test_fused_linear_kl_keeps_no_fp32_copy_of_a_chunk(monkeypatch):
     _F32_SLICE_ELEMS, 16 MiB by default, lowered here so that a small chunk shows the bound),
     the logits themselves in bf16."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    from epic_ext import kl as K
+    from epic_ext import kl_linear as K
     monkeypatch.setattr(K, "_F32_SLICE_ELEMS", 1 << 20)
 
     T, H, V, chunk = 512, 32, 16384, 256
@@ -465,7 +465,7 @@ def test_fused_linear_kl_keeps_no_fp32_copy_of_a_chunk(monkeypatch):
 
 
 def test_fused_linear_kl_default_chunk_fills_gemm_tiles():
-    from epic_ext import kl as K
+    from epic_ext import kl_linear as K
     assert K._default_chunk(128256, torch.bfloat16) == 256   # 64 MiB of bf16 logits
     assert K._default_chunk(128256, torch.float32) == 128
     assert K._default_chunk(32000, torch.bfloat16) == 1024
@@ -476,7 +476,7 @@ def test_fused_linear_kl_fp32_output_gemm_calls_are_valid(monkeypatch):
     """The CUDA branch (bf16 GEMMs with an fp32 output) checked for arguments on meta tensors,
     which run torch's own shape / dtype rules for mm / addmm with out_dtype: it must not fall
     back (a fallback drops the device from _F32_OUT_GEMM)."""
-    from epic_ext import kl as K
+    from epic_ext import kl_linear as K
     monkeypatch.setattr(K, "_F32_OUT_GEMM", {"meta"})
     meta = dict(device="meta", dtype=torch.bfloat16)
     g, w = torch.empty(256, 1000, **meta), torch.empty(1000, 64, **meta)
@@ -492,7 +492,7 @@ def test_fused_linear_kl_scales_16bit_gradients_without_rounding_the_scale(monke
     """_scale_ (grad_output applied to the stored bf16 hidden-state gradient): the blockwise fp32
     path used where a 0-d device tensor would be rounded to bf16 (CUDA) gives the exactly
     rounded product, as the CPU's scalar path does, over several row blocks."""
-    from epic_ext import kl as K
+    from epic_ext import kl_linear as K
     gen = torch.Generator().manual_seed(26)
     x = torch.randn(300, 70, generator=gen).bfloat16()
     scale = torch.tensor(0.7123456)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kl import fused_linear_kl
+from ..kl_linear import fused_linear_kl
 from ..methods import get_method
 from ..models.decoder import LayerReduction, Sequence, run_layers, text_modules
 from ..models.llava import embed
