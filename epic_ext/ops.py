@@ -206,10 +206,10 @@ def _compress_autograd(ctx, grad_out, grad_idx):
 
 
 _gather_merge.register_autograd(_gather_merge_autograd, setup_context=_setup_gather)
+_compress_topk.register_autograd(_compress_autograd, setup_context=_setup_compress)
 # The registered ops that take the forcing as their last argument (attn_scores, which also runs
 # through _run, does not).
 _FORCING_AS_ARGUMENT = frozenset((_select_topk, _iqr_select, _gather_merge, _compress_topk))
-_compress_topk.register_autograd(_compress_autograd, setup_context=_setup_compress)
 
 
 # --------------------------------------------------------------------------- validation
