@@ -67,8 +67,10 @@ def patch_size(family: str) -> int:
 
 
 def qwen_config(family: str, **overrides):
-    """The tiny config of ``family``; ``overrides`` set top-level, ``text_config`` or
-    ``vision_config`` attributes (e.g. ``num_hidden_layers=2``, ``depth=3``), in that order."""
+    """The tiny config of ``family``. ``overrides`` set a top-level attribute, else a preset
+    text attribute, else a preset vision one (``num_hidden_layers=2``, ``depth=3``); ``text_X=`` /
+    ``vision_X=`` set any attribute X of that sub-config (``vision_hidden_size=48``). Keep
+    Qwen3-VL's ``deepstack_visual_indexes`` below ``depth`` when changing either."""
     from transformers import AutoConfig
     _check_family(family)
     text = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -100,6 +102,10 @@ def qwen_config(family: str, **overrides):
             text[key] = value
         elif key in vision:
             vision[key] = value
+        elif key.startswith("text_"):
+            text[key[len("text_"):]] = value
+        elif key.startswith("vision_"):
+            vision[key[len("vision_"):]] = value
         else:
             raise ValueError(f"overrides: unknown key {key!r}")
     cfg = AutoConfig.for_model(family, text_config=text, vision_config=vision, **top)
@@ -229,7 +235,7 @@ def row_messages(row: dict, images: list, video) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def qwen_batch(processor, rows: list[dict], *, padding_side: str = "left", seed: int = 0, fps: float = 2.0):
+def qwen_batch(processor, rows: list[dict], *, padding_side: str = "left", seed: int = 0, fps: float = 1.0):
     """Processor outputs (BatchFeature of tensors) for ``rows`` (``{"images": [(h, w), ...],
     "video": (frames, h, w) or None, "text": str}``): the chat template with a generation prompt,
     seeded random pixels, padded on ``padding_side``. Images and videos are listed in row order,

@@ -88,6 +88,11 @@ def test_processor_padding_side_and_text_only():
         tq.qwen_batch(proc, rows, padding_side="middle")
     with pytest.raises(ValueError, match="family"):
         tq.qwen_config("qwen4_vl")
+    with pytest.raises(ValueError, match="overrides"):
+        tq.qwen_config("qwen2_vl", hidden_sise=32)
+    cfg = tq.qwen_config("qwen3_vl", num_hidden_layers=2, depth=3, vision_hidden_size=48, text_attention_bias=True)
+    assert (cfg.text_config.num_hidden_layers, cfg.vision_config.depth, cfg.vision_config.hidden_size,
+            cfg.text_config.hidden_size, cfg.text_config.attention_bias) == (2, 3, 48, 64, True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
