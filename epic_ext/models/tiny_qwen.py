@@ -174,7 +174,13 @@ def tiny_qwen_processor(family: str, *, padding_side: str = "left"):
     """The family's real processor (image + video processors, this tokenizer, chat template), with
     pixel bounds small enough that images of 56..224 px give a handful of tokens."""
     import transformers as tf
+    from transformers.utils import is_torchvision_available
     ps = patch_size(family)
+    if not is_torchvision_available():
+        # transformers 5.23's Qwen-VL video processors import torchvision, and the processors
+        # cannot be built without one (even for images only)
+        raise ImportError("tiny_qwen_processor: transformers' Qwen-VL processors need torchvision "
+                          "(the build matching torch, e.g. torchvision 0.29.1 for torch 2.14.1)")
     factor = ps * 2
     image_size = {"shortest_edge": factor * factor, "longest_edge": 16 * factor * factor}   # 1..16 tokens
     video_size = {"shortest_edge": factor * factor, "longest_edge": 4 * 16 * factor * factor}
