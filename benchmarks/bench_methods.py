@@ -142,9 +142,11 @@ def _eager_mask(attention_mask: torch.Tensor, dtype=torch.float32) -> torch.Tens
 
 def llm_context_tiny(model, B: int, device) -> LLMBundle:
     """The LLMContext of a real reduced forward of the tiny LLaVA just before decoder layer 2."""
-    from epic_ext.methods import MethodSpec
+    import sys
+
+    from epic_ext.methods import register_method
     from epic_ext.methods.base import LLMMethodConfig, LLMSelection
-    from epic_ext.models import llava
+    from epic_ext.models import apply, revert
     from epic_ext.models.tiny import random_pixels
 
     ids, mask = _prompts(model, B, device)
@@ -153,30 +155,30 @@ def llm_context_tiny(model, B: int, device) -> LLMBundle:
 
     def capture(ctx, cfg):
         got["ctx"] = ctx
-        b, n = ctx.hidden.shape[0], ctx.num_image_tokens
+        b, n = ctx.num_units, ctx.num_image_tokens
         return LLMSelection(torch.arange(n, device=ctx.hidden.device).expand(b, n))
 
-    spec = MethodSpec("bench-capture", "llm", LLMMethodConfig, capture)
-    from epic_ext.models.decoder import _rope_fn, text_modules
+    register_method("bench_capture", "llm", LLMMethodConfig)(capture)
+    from epic_ext.models.decoder import text_modules
     lm = model.model.language_model
     layers = text_modules(lm)
     prev = layers[LAYER - 1]
     hook = prev.self_attn.q_proj.register_forward_hook(
         lambda _m, _i, out: got.__setitem__("q", out.detach()))
-    llava.apply(model, spec, LLMMethodConfig(keep=None, layer=LAYER))
+    apply(model, "bench_capture", layer=LAYER)
     try:
         model(input_ids=ids, pixel_values=pixels, attention_mask=mask)
     finally:
-        llava.revert(model)
+        revert(model)
         hook.remove()
     ctx = got["ctx"]
     L = ids.shape[1]
     hd = prev.self_attn.head_dim
     q = got["q"].view(B, L, -1, hd).transpose(1, 2)
-    # The reduced forward's positions: arange(L) for every row (left padding included).
-    pos = torch.arange(L, device=device)[None].expand(B, -1)
+    # The reduced forward's positions without position_ids: each row counts its real tokens.
+    pos = (mask.long().cumsum(1) - 1).clamp(min=0)
     cos, sin = lm.rotary_emb(ctx.hidden, pos)
-    q_all, _ = _rope_fn(prev)(q, q, cos, sin)
+    q_all, _ = sys.modules[type(prev.self_attn).__module__].apply_rotary_pos_emb(q, q, cos, sin)
     rows = q_all[torch.arange(B, device=device), :, ctx.query_index]          # [B, H, d]
     note = ""
     if not torch.allclose(rows, ctx.query[:, :, 0], rtol=1e-4, atol=1e-5):
@@ -190,7 +192,7 @@ def llm_context_7b(model, B: int, device) -> LLMBundle:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from epic_ext.methods.base import LLMContext
-    from epic_ext.models.llava import image_span
+    from epic_ext.models.sequence import image_span
 
     ids, mask = _prompts(model, B, device)
     n = model.config.image_seq_length

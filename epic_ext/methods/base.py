@@ -13,7 +13,10 @@ A method is a pure function of one batch. Two stages exist:
   original position ids when ``K >= 1``) replace the image span; layers below ``K`` keep every
   token in the KV cache.
 
-Every tensor here is batched; image position and length come from ``input_ids`` per sample.
+Every tensor here is batched. A batch holds a ragged set of visual *units* (each image, and
+each temporal patch group of a video, of ``h x w`` tokens; rows may hold none or several): an
+in-LLM method is called once per group of units of the same grid, and its budget applies to each
+unit. Text-only rows are never seen by a method.
 Methods must not loop over tokens in Python nor sync with the host (``.item()``, ``.tolist()``).
 """
 from __future__ import annotations
@@ -36,6 +39,9 @@ class MethodConfig:
         from ..ops import resolve_k
         if self.keep is None:
             raise ValueError(f"keep: this method needs a token budget (an int count or a ratio), got None")
+        if isinstance(self.keep, int) and not isinstance(self.keep, bool) and self.keep > n:
+            raise ValueError(f"keep: {self.keep} tokens is more than a visual unit of this batch holds ({n}; the "
+                             f"budget applies to each image and video frame group); give a ratio or a smaller count")
         return resolve_k(self.keep, n)
 
 
@@ -83,11 +89,14 @@ class VisionReduction:
 
 @dataclass
 class LLMContext:
-    """What an in-LLM method sees just before decoder layer K, for a sequence batch [B, L]."""
+    """What an in-LLM method sees just before decoder layer K, for a sequence batch [B, L] and a
+    group of S visual units of the same grid (every image, or video frame group, of that size in
+    the batch; the model integration calls the method once per group). A unit is reduced on its
+    own, with its own budget; tensors of the whole batch are indexed with ``span_row``."""
     hidden: Tensor                   # [B, L, D] input of layer K (output of layer K-1; the embeddings when K = 0)
-    image_start: Tensor              # [B] int64 index of each row's first image token
-    num_image_tokens: int            # N, the same for every row
-    grid: tuple[int, int]            # patch grid of the image span, (24, 24) for N = 576
+    image_start: Tensor              # [S] int64 index of each unit's first token in its row
+    num_image_tokens: int            # N = h * w tokens per unit
+    grid: tuple[int, int]            # (h, w) token grid of the units, (24, 24) for LLaVA-1.5's 576
     attention_mask: Tensor           # [B, L] bool, True = real token (left padding is False)
     query_index: Tensor              # [B] int64 index of each row's last real prompt token
     keys: Optional[Tensor] = None    # [B, Hkv, L, d] post-RoPE keys of layer K-1 (None when K = 0)
@@ -95,17 +104,36 @@ class LLMContext:
     scale: Optional[float] = None    # attention scale of layer K-1
     final_norm: Optional[Callable[[Tensor], Tensor]] = None   # the LLM's final norm (DART)
     generator: Optional[torch.Generator] = None               # randomness of the "random" method
+    span_row: Optional[Tensor] = None     # [S] int64 row of each unit (None: unit s is in row s, S == B)
+    visual_mask: Optional[Tensor] = None  # [B, L] bool, True on every visual token of the row (None: this unit's only)
+    kind: str = "image"                   # "image" or "video" (a video's temporal patch group)
+
+    @property
+    def num_units(self) -> int:
+        return int(self.image_start.shape[0])
+
+    def rows(self, x: Tensor) -> Tensor:
+        """``x`` [B, ...] indexed by unit: [S, ...] (no copy when unit s is in row s)."""
+        return x if self.span_row is None else x.index_select(0, self.span_row)
+
+    def tokens(self, pos: Tensor) -> Tensor:
+        """[S, M, D] hidden states at positions ``pos`` [S, M] of each unit's row."""
+        if self.span_row is None:
+            return take_rows(self.hidden, pos)
+        b, length = self.hidden.shape[:2]
+        flat = (pos + self.span_row[:, None] * length).reshape(-1)
+        return self.hidden.reshape(b * length, -1).index_select(0, flat).view(*pos.shape, -1)
 
     def image_hidden(self) -> Tensor:
-        """[B, N, D] hidden states of the image span of every row (one batched gather)."""
+        """[S, N, D] hidden states of every unit (one batched gather)."""
         idx = self.image_start[:, None] + torch.arange(self.num_image_tokens, device=self.hidden.device)
-        return take_rows(self.hidden, idx)
+        return self.tokens(idx)
 
 
 @dataclass
 class LLMSelection:
-    index: Tensor                    # [B, S] int64 positions inside the image span, ascending
-    hidden: Optional[Tensor] = None  # [B, S, D] replacement hidden states (pooling); None: gather the kept ones
+    index: Tensor                    # [S, K] int64 positions inside each unit, ascending
+    hidden: Optional[Tensor] = None  # [S, K, D] replacement hidden states (pooling); None: gather the kept ones
 
 
 def take_rows(x: Tensor, idx: Tensor) -> Tensor:

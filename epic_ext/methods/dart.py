@@ -21,7 +21,10 @@ Readings of points the published code leaves open (batch size 1, no padding, pro
 
 * Text candidates are the real tokens after the image span up to the last prompt token
   (``query_index``) inclusive: later tokens (answers under teacher forcing, right padding) are
-  not prompt text and would make training and inference select differently.
+  not prompt text and would make training and inference select differently. With several
+  visual units in a row (several images, a video's frame groups), each unit is reduced on its
+  own budget and its text candidates exclude every visual token (the published Qwen2-VL code
+  handles the first image only; its candidates are all tokens after that image's span).
 * A row with fewer than ``pivot_text`` such tokens (short prompt) has that many text pivots: the
   missing ones are masked out and their share of the budget goes to the remaining pivots.
 * Pivot order (who goes first in the greedy loop, who gets the remainder): image pivots in
@@ -91,7 +94,7 @@ def split_budget(valid: torch.Tensor, picks: int) -> torch.Tensor:
 @torch.no_grad()  # a selection only: no autograd graph through q, k or the hidden states
 def dart(ctx: LLMContext, cfg: DARTConfig) -> LLMSelection:
     hidden = ctx.hidden
-    B, L, D = hidden.shape
+    B, L = ctx.num_units, hidden.shape[1]
     n = ctx.num_image_tokens
     dev = hidden.device
     budget = cfg.resolved_keep(n)
@@ -104,7 +107,7 @@ def dart(ctx: LLMContext, cfg: DARTConfig) -> LLMSelection:
         raise ValueError("dart needs the LLM's final norm (LLMContext.final_norm)")
 
     # L1 norm of every token's key with the heads concatenated, accumulated in fp32.
-    knorm = torch.linalg.vector_norm(ctx.keys, ord=1, dim=(1, 3), dtype=torch.float32)   # [B, L]
+    knorm = ctx.rows(torch.linalg.vector_norm(ctx.keys, ord=1, dim=(1, 3), dtype=torch.float32))   # [S, L]
     ar = torch.arange(n, device=dev)
     img_norm = knorm.gather(1, ctx.image_start[:, None] + ar)
     p_img = min(cfg.pivot_image, budget)
@@ -116,7 +119,10 @@ def dart(ctx: LLMContext, cfg: DARTConfig) -> LLMSelection:
     t_max = L - n
     text_pos = ctx.image_start[:, None] + n + torch.arange(t_max, device=dev)          # [B, t_max]
     safe = text_pos.clamp(max=L - 1)
-    text_ok = (text_pos <= ctx.query_index[:, None]) & (text_pos < L) & ctx.attention_mask.gather(1, safe).bool()
+    text_ok = (text_pos <= ctx.rows(ctx.query_index)[:, None]) & (text_pos < L) \
+        & ctx.rows(ctx.attention_mask).gather(1, safe).bool()
+    if ctx.visual_mask is not None:                                      # other images' tokens are not text
+        text_ok &= ~ctx.rows(ctx.visual_mask).gather(1, safe)
     text_norm = knorm.gather(1, safe).masked_fill(~text_ok, float("-inf"))
     p_txt = min(cfg.pivot_text, t_max)
     txt_sel = select_topk(text_norm, p_txt)                              # [B, p_txt], ascending
@@ -125,7 +131,7 @@ def dart(ctx: LLMContext, cfg: DARTConfig) -> LLMSelection:
 
     # Unit vectors of final_norm(hidden) (per-token norm: gathering first is equivalent).
     img_u = _unit(ctx.final_norm(ctx.image_hidden()))                    # [B, N, D]
-    txt_u = _unit(ctx.final_norm(take_rows(hidden, txt_abs)))
+    txt_u = _unit(ctx.final_norm(ctx.tokens(txt_abs)))
     piv_u = torch.cat([take_rows(img_u, img_piv), txt_u], dim=1)
     neg_cos = -torch.bmm(piv_u, img_u.transpose(1, 2))                   # [B, P, N]; high = dissimilar
 

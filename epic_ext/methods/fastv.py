@@ -96,7 +96,7 @@ def fastv(ctx: LLMContext, cfg: FastVConfig) -> LLMSelection:
                          f"they are missing, is layer >= 1? (layer={cfg.layer})")
     d = ctx.query.shape[-1]
     scale = ctx.scale if ctx.scale is not None else d ** -0.5
-    scores = attn_scores(ctx.query, ctx.keys, ctx.image_start, n, scale=scale, reduce="mean",
-                         causal=True, kv_start=first_real_token(ctx.attention_mask),
-                         q_pos=ctx.query_index.view(-1, 1), check=False)
+    scores = attn_scores(ctx.rows(ctx.query), ctx.rows(ctx.keys), ctx.image_start, n, scale=scale, reduce="mean",
+                         causal=True, kv_start=first_real_token(ctx.rows(ctx.attention_mask)),
+                         q_pos=ctx.rows(ctx.query_index).view(-1, 1), check=False)
     return LLMSelection(select_topk(scores, keep))

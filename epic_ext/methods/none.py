@@ -16,5 +16,5 @@ class NoneConfig(LLMMethodConfig):
 
 @register_method("none", "llm", NoneConfig)
 def keep_all(ctx: LLMContext, cfg: NoneConfig) -> LLMSelection:
-    b, n = ctx.hidden.shape[0], ctx.num_image_tokens
+    b, n = ctx.num_units, ctx.num_image_tokens
     return LLMSelection(torch.arange(n, device=ctx.hidden.device).expand(b, n))

@@ -93,7 +93,7 @@ def pooling(ctx: LLMContext, cfg: PoolingConfig) -> LLMSelection:
         raise ValueError(f"pooling: the image grid {gh}x{gw} does not hold the {n} image tokens")
     keep = cfg.resolved_keep(n)
     hidden = ctx.hidden
-    B, _, D = hidden.shape
+    B, D = ctx.num_units, hidden.shape[-1]
     if cfg.grid is not None:
         h, w = int(cfg.grid[0]), int(cfg.grid[1])
         if h * w != keep:

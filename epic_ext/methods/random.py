@@ -59,7 +59,7 @@ def _generator(ctx: LLMContext, cfg: RandomConfig) -> Optional[torch.Generator]:
 
 @register_method("random", "llm", RandomConfig)
 def random_select(ctx: LLMContext, cfg: RandomConfig) -> LLMSelection:
-    b, n = ctx.hidden.shape[0], ctx.num_image_tokens
+    b, n = ctx.num_units, ctx.num_image_tokens
     keep = cfg.resolved_keep(n)
     gen = _generator(ctx, cfg)
     dev = ctx.hidden.device if gen is None else gen.device

@@ -23,8 +23,9 @@ from torch import Tensor
 
 from ..kl_linear import fused_linear_kl
 from ..methods import get_method
+from ..models import adapter_of
+from ..models.adapter import Prompt
 from ..models.decoder import LayerReduction, Sequence, run_layers, text_modules
-from ..models.llava import embed
 from .schedules import Setting, StepPlan, kept_tokens
 
 IGNORE_INDEX = -100
@@ -67,14 +68,18 @@ def _gathered(module):
     return contextlib.nullcontext()
 
 
-def _reduction(model, method: str, setting: Setting, n_image: int, options: dict) -> Optional[LayerReduction]:
+def _reduction(adapter, setting: Setting, method: str, n_unit: Optional[int],
+               options: dict) -> Optional[LayerReduction]:
     if setting.ratio <= 0:
         return None                                   # keep every token: no method needed
     spec = get_method(method)
     if spec.stage != "llm":
         raise ValueError(f"method: EPIC trains with in-LLM methods (dart, fastv, random, ...), got {method!r}")
-    cfg = spec.make_config(keep=kept_tokens(setting.ratio, n_image), layer=setting.layer, **options)
-    return LayerReduction(spec, cfg, setting.layer)
+    # A family with fixed-size images gets the count of the schedule's rule; dynamic resolution a
+    # ratio, resolved per image / frame group by the same rounding.
+    keep = kept_tokens(setting.ratio, n_unit) if n_unit else 1.0 - setting.ratio
+    cfg = spec.make_config(keep=keep, layer=setting.layer, **options)
+    return LayerReduction(spec, cfg, setting.layer, renumber=adapter.renumber)
 
 
 def epic_forward(model, batch: dict, plan: StepPlan, *, method: str = "dart", method_options: Optional[dict] = None,
@@ -82,9 +87,10 @@ def epic_forward(model, batch: dict, plan: StepPlan, *, method: str = "dart", me
     """Loss of one step under ``plan`` (student, optional teacher, kl weight, temperature).
     ``batch``: input_ids, attention_mask, labels, pixel_values, query_index (the collate output)."""
     options = method_options or {}
-    lm = model.model.language_model
+    adapter = adapter_of(model)
+    lm = adapter.language_model(model)
     n_layers = len(text_modules(lm))
-    n_image = model.config.image_seq_length
+    n_unit = adapter.unit_tokens(model)
     ids, labels = batch["input_ids"], batch["labels"]
     mask = batch["attention_mask"].bool()
     pos = (mask.long().cumsum(1) - 1).clamp(min=0)
@@ -93,9 +99,11 @@ def epic_forward(model, batch: dict, plan: StepPlan, *, method: str = "dart", me
         if s is not None and not 0 <= s.layer < n_layers:
             raise ValueError(f"plan: compression layer {s.layer} is outside this model's {n_layers} layers")
 
-    seq = embed(model, ids, batch["pixel_values"], mask, pos, batch["query_index"], None)
-    red_s = _reduction(model, method, plan.student, n_image, options)
-    red_t = _reduction(model, method, plan.teacher, n_image, options) if plan.teacher is not None else None
+    media = {key: batch.get(key) for key in adapter.media_keys}
+    seq = adapter.embed(model, Prompt(input_ids=ids, inputs_embeds=None, attention_mask=mask, position_ids=pos,
+                                      given_positions=None, query_index=batch["query_index"], media=media), None)
+    red_s = _reduction(adapter, plan.student, method, n_unit, options)
+    red_t = _reduction(adapter, plan.teacher, method, n_unit, options) if plan.teacher is not None else None
     layers = [r.layer for r in (red_s, red_t) if r is not None]
     # Shared prefix: everything below the earlier compression layer (all layers if none compresses).
     split = min(layers) if layers else n_layers
@@ -106,7 +114,8 @@ def epic_forward(model, batch: dict, plan: StepPlan, *, method: str = "dart", me
     b, p, target = answer_rows(labels)
     h_s = lm.norm(_rows_of(student, b, p, length))
     norm = float(normalizer) if normalizer is not None else float(max(len(target), 1))
-    logits = model.lm_head(h_s)
+    head = adapter.lm_head(model)
+    logits = head(h_s)
     sft = F.cross_entropy(logits.float(), target, reduction="sum") / norm
     kl = torch.zeros((), device=sft.device)
     if plan.teacher is not None and plan.kl_weight > 0:
@@ -116,8 +125,8 @@ def epic_forward(model, batch: dict, plan: StepPlan, *, method: str = "dart", me
             else:
                 teacher = run_layers(lm, prefix.detach(), split, n_layers, reduction=red_t)
             h_t = lm.norm(_rows_of(teacher, b, p, length)).detach()
-        with _gathered(model.lm_head):
-            kl = fused_linear_kl(h_s, h_t, model.lm_head.weight, model.lm_head.bias,
+        with _gathered(head):
+            kl = fused_linear_kl(h_s, h_t, head.weight, head.bias,
                                  temperature=plan.temperature, reduction="sum") / norm
     loss = (1 - plan.kl_weight) * sft + plan.kl_weight * kl
     return StepOutput(loss=loss, sft=sft.detach(), kl=kl.detach(), answer_tokens=int(len(target)))

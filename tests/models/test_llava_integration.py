@@ -256,7 +256,7 @@ def test_apply_revert_and_errors(model):
     try:
         bad = ids.clone()
         bad[0, (bad[0] == model.config.image_token_id).nonzero()[0, 0]] = 5   # 575 image tokens
-        with pytest.raises(RuntimeError, match="image"):
+        with pytest.raises(ValueError, match="pixel_values: image 0 needs 576"):
             model(input_ids=bad, pixel_values=px)
     finally:
         revert(model)

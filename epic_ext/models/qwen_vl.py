@@ -1,0 +1,174 @@
+"""The Qwen-VL adapter: Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5.23
+``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+``Qwen3VLForConditionalGeneration``).
+
+What is particular to the family, and how the shared forward gets it:
+
+* Dynamic resolution. An image of grid (1, H, W) patches is ``H/m x W/m`` tokens after the
+  ``m x m`` patch merger (m = ``spatial_merge_size``, 2); a video of grid (T, H, W) is T temporal
+  patch groups of ``H/m x W/m`` tokens each. Every image and every frame group is one visual
+  unit with its own budget: the published video ports (FlashVID, FastVID, DyCoke) budget per
+  frame, and Qwen3-VL already puts each frame group in its own span between timestamps. A
+  budget larger than a unit raises (``keep: ...``).
+* M-RoPE. Positions are (temporal, height, width) triples (``get_rope_index`` of the model,
+  called on the unreduced prompt); text tokens use one index on all three. Every token a
+  reduction keeps, before the LLM or inside it, keeps its original triple, as in the published
+  ports (DART's Qwen2-VL/2.5-VL code, VisionZip's Qwen2.5-VL code): nothing is renumbered, and
+  decoding continues at text position + the unreduced prompt's rope delta, so a decode token
+  sits where it would without reduction.
+* DeepStack (Qwen3-VL). Features of intermediate vision layers are added to the visual tokens
+  after LLM layers 0, 1, ...: they ride on the sequence as ``inject`` tables indexed by each
+  token's ``vis_id``, which the reduction gathers with everything else, so a token dropped at
+  layer K gets no later injection and a kept one gets its own.
+* Qwen2.5-VL's windowed vision attention and the vision tower in general run unchanged (the
+  model's own ``get_image_features`` / ``get_video_features``).
+
+Vision-stage methods (VisionZip, PruMerge, TRIM) rank against a [CLS] token this encoder does not
+have; the published Qwen ports rank by the attention each token receives instead, which is not
+implemented yet, so ``apply`` rejects them with a clear error.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..methods import MethodSpec
+from .adapter import Adapter, Prompt
+from .decoder import Sequence
+from .forward import Reduction
+from .sequence import Spans, locate_units
+
+
+class QwenVLAdapter(Adapter):
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    media_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids",
+                  "second_per_grid_ts")
+    renumber = False
+
+    def placeholder_ids(self, model) -> dict[str, int]:
+        cfg = model.config
+        return {"image": cfg.image_token_id, "video": cfg.video_token_id}
+
+    def check(self, model, spec: MethodSpec) -> None:
+        inner = getattr(model, "model", None)
+        if not hasattr(model, "lm_head") or not hasattr(inner, "language_model") or not hasattr(inner, "visual"):
+            raise ValueError(f"model: token reduction replaces the forward of the Qwen-VL "
+                             f"...ForConditionalGeneration, got {type(model).__name__}; pass the model that holds "
+                             f"the LM head, not its inner model")
+        text = model.config.text_config
+        if getattr(text, "use_sliding_window", False) or "sliding_attention" in (getattr(text, "layer_types", None)
+                                                                                  or ()):
+            raise ValueError("model: token reduction builds full causal masks; this model's text config uses "
+                             "sliding-window attention (use_sliding_window / layer_types)")
+        if spec.stage == "vision":
+            raise ValueError(f"model: {spec.name} ranks vision-encoder tokens against a [CLS] token, which the "
+                             f"Qwen-VL encoder does not have (its published Qwen ports rank by the attention each "
+                             f"token receives, not implemented yet). Use an in-LLM method (dart, fastv, random, "
+                             f"pooling) instead")
+
+    # ----------------------------------------------------------------------- units and features
+
+    def units(self, model, media: dict) -> list[tuple[str, int, tuple[int, int]]]:
+        m = model.config.vision_config.spatial_merge_size
+        out = []
+        for kind, key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
+            grid = media.get(key)
+            if grid is None:
+                continue
+            for i, (t, h, w) in enumerate(grid.tolist()):
+                if h % m or w % m:
+                    raise ValueError(f"{key}: {kind} {i} has a {h}x{w} patch grid, not a multiple of the "
+                                     f"{m}x{m} merger")
+                if kind == "image" and t != 1:
+                    raise ValueError(f"{key}: image {i} has t = {t}; images have one temporal group")
+                out += [(kind, i, (h // m, w // m))] * t
+        return out
+
+    def _features(self, model, media: dict, kind: str):
+        """Per image / video: merged features [n, D], and the DeepStack features per layer."""
+        pixels = media.get("pixel_values" if kind == "image" else "pixel_values_videos")
+        grid = media.get(f"{kind}_grid_thw")
+        if pixels is None:
+            return [], []
+        if grid is None:
+            raise ValueError(f"{kind}_grid_thw: needed with the {kind} pixels")
+        fn = model.model.get_image_features if kind == "image" else model.model.get_video_features
+        out = fn(pixels, grid, return_dict=True)
+        feats = list(out.pooler_output)
+        deep = [list(layer) for layer in getattr(out, "deepstack_features", None) or []]
+        return feats, deep
+
+    def rope_positions(self, model, prompt: Prompt) -> Tensor:
+        """[3, B, L] M-RoPE positions of the unreduced prompt (the model's own get_rope_index)."""
+        ids, media = prompt.input_ids, prompt.media
+        types = media.get("mm_token_type_ids")
+        if types is None:
+            ph = self.placeholder_ids(model)
+            types = (ids == ph["image"]).int() + 2 * (ids == ph["video"]).int()
+        fn = model.model.get_rope_index
+        names = inspect.signature(fn).parameters
+        kwargs = dict(mm_token_type_ids=types, image_grid_thw=media.get("image_grid_thw"),
+                      video_grid_thw=media.get("video_grid_thw"), attention_mask=prompt.attention_mask[:, -ids.shape[1]:])
+        if "second_per_grid_ts" in names:
+            kwargs["second_per_grid_ts"] = media.get("second_per_grid_ts")
+        pos, _ = fn(ids, **{k: v for k, v in kwargs.items() if k in names})
+        return pos
+
+    # ----------------------------------------------------------------------- the contract
+
+    def embed(self, model, prompt: Prompt, red: Optional[Reduction]) -> Sequence:
+        emb = prompt.inputs_embeds
+        if emb is None:
+            emb = model.model.get_input_embeddings()(prompt.input_ids)
+        b, length, d = emb.shape
+        device = emb.device
+        kept = torch.arange(length, device=device)[None].expand(b, -1)
+        seq = Sequence(hidden=emb, mask=prompt.attention_mask, pos=prompt.position_ids, kept=kept,
+                       query_index=prompt.query_index)
+        given = prompt.given_positions
+        if not prompt.has_media:
+            rope = given[-3:] if given is not None and given.dim() == 3 else prompt.position_ids[None].expand(3, -1, -1)
+            return replace(seq, rope_pos=rope)
+
+        spans = locate_units(prompt.input_ids, self.units(model, prompt.media), self.placeholder_ids(model),
+                             "image_grid_thw", prompt.attention_mask)
+        per_kind = {kind: self._features(model, prompt.media, kind) for kind in ("image", "video")}
+        feats, deep = [], None
+        n_deep = max(len(per_kind["image"][1]), len(per_kind["video"][1]))
+        if n_deep:
+            deep = [[] for _ in range(n_deep)]
+        for u, (kind, media_i, frame) in enumerate(zip(spans.kind, spans.media, spans.frame)):
+            n = spans.length[u]
+            f_all, deep_all = per_kind[kind]
+            if media_i >= len(f_all):
+                raise ValueError(f"pixel_values{'_videos' if kind == 'video' else ''}: {kind} {media_i} has "
+                                 f"placeholders but no pixels")
+            feats.append(f_all[media_i][frame * n:(frame + 1) * n])
+            for layer in range(n_deep):
+                deep[layer].append(deep_all[layer][media_i][frame * n:(frame + 1) * n])
+        flat_feats = torch.cat(feats).to(emb.dtype)
+        pos_idx = torch.cat([torch.arange(r * length + s, r * length + s + n)
+                             for r, s, n in zip(spans.row, spans.start, spans.length)]).to(device, non_blocking=True)
+        hidden = emb.reshape(b * length, d).index_copy(0, pos_idx, flat_feats).view(b, length, d)
+
+        if given is not None and given.dim() == 3:
+            rope = given[-3:]
+        else:
+            rope = self.rope_positions(model, prompt)
+        mask = prompt.attention_mask[:, -length:]
+        top = rope.masked_fill(~mask[None], torch.iinfo(rope.dtype).min).amax(dim=(0, 2))
+        prompt.rope_delta = (top + 1 - mask.sum(1))[:, None]
+        seq = replace(seq, hidden=hidden, spans=spans, rope_pos=rope)
+        if deep is not None:
+            seq = replace(seq, inject=[torch.cat(layer) for layer in deep], vis_id=spans.visual_ids(b, length))
+        return seq
+
+    def decode_rope(self, model, seq: Sequence, cached, given: Optional[Tensor]) -> Tensor:
+        if given is not None and given.dim() == 3:
+            return given[-3:]
+        delta = cached.rope_delta if cached.rope_delta is not None else 0
+        return (seq.pos + delta)[None].expand(3, -1, -1)
