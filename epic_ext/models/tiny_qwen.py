@@ -123,7 +123,7 @@ def build_tiny_qwen(family: str, *, seed: int = 0, attn: str = "sdpa", dtype: to
         model = AutoModelForImageTextToText.from_config(cfg, attn_implementation=attn)
         _spread_init(model)
     model.generation_config.pad_token_id = PAD_ID
-    model.generation_config.eos_token_id = IM_END_ID
+    model.generation_config.eos_token_id = [IM_END_ID, PAD_ID]     # as Qwen's own generation_config
     model.generation_config.bos_token_id = IM_START_ID
     model.generation_config.suppress_tokens = list(SUPPRESSED_IDS)
     return model.to(device=device, dtype=dtype).eval()
