@@ -224,11 +224,11 @@ def random_qwen_rows(n: int = 5, *, seed: int = 0) -> list[dict]:
     sizes, a video (4 frames = 2 temporal groups), an image and a video; texts of different
     lengths (seeded words)."""
     g = np.random.default_rng(seed)
-    kinds = ROW_KINDS
     rows = []
     for i in range(n):
+        kind = ROW_KINDS[i % len(ROW_KINDS)]
         words = g.choice(WORDS, size=3 + (2 * i) % 5).tolist()
-        rows.append(dict(kinds[i % len(kinds)], text=" ".join(words) + " ?"))
+        rows.append(dict(images=list(kind["images"]), video=kind["video"], text=" ".join(words) + " ?"))
     return rows
 
 
@@ -245,10 +245,13 @@ def qwen_batch(processor, rows: list[dict], *, padding_side: str = "left", seed:
     """Processor outputs (BatchFeature of tensors) for ``rows`` (``{"images": [(h, w), ...],
     "video": (frames, h, w) or None, "text": str}``): the chat template with a generation prompt,
     seeded random pixels, padded on ``padding_side``. Images and videos are listed in row order,
-    as the model consumes them."""
+    as the model consumes them. Videos are given as decoded frames at ``fps`` (all kept)."""
     from transformers.video_utils import VideoMetadata
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
+    for row in rows:
+        if not isinstance(row, dict) or set(row) - {"images", "video", "text"}:
+            raise ValueError(f"rows: each row is a dict with keys images / video / text, got {row!r}")
     g = np.random.default_rng(seed)
     texts, images, videos, metadata = [], [], [], []
     for row in rows:
@@ -285,7 +288,7 @@ def row_inputs(batch, i: int) -> dict:
         if grid_key not in batch:
             continue
         grids = batch[grid_key]
-        tokens = (grids.prod(-1) // 4).tolist()
+        tokens = (grids.prod(-1) // 4).tolist()              # 2x2 patches merge into one token
         counts = (ids == token).sum(1).tolist()
         # items of earlier rows come first; each row's items sum to its token count
         first, consumed, before = 0, 0, sum(counts[:i])

@@ -86,6 +86,8 @@ def test_processor_padding_side_and_text_only():
     assert "pixel_values" not in left and left["mm_token_type_ids"].sum() == 0
     with pytest.raises(ValueError, match="padding_side"):
         tq.qwen_batch(proc, rows, padding_side="middle")
+    with pytest.raises(ValueError, match="rows"):
+        tq.qwen_batch(proc, [dict(image=[(56, 56)], text="a")])
     with pytest.raises(ValueError, match="family"):
         tq.qwen_config("qwen4_vl")
     with pytest.raises(ValueError, match="overrides"):
