@@ -169,7 +169,7 @@ def test_train_then_infer_round_trip(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)[0]
     # The processor expands <image> to the model's 576 tokens around the training prompt's text.
-    processor = AutoProcessor.from_pretrained(final, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(final, local_files_only=True, backend="pil")
     model = LlavaForConditionalGeneration.from_pretrained(final, local_files_only=True)
     inputs = processor(images=[image], text=[f"USER: <image>\n{question} ASSISTANT:"], return_tensors="pt")
     ids, _, query, _ = encode_conversation(normalize_turns(record), processor.tokenizer, model.config.image_token_id,

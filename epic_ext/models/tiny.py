@@ -120,7 +120,9 @@ def load_processor(path: str):
     from transformers import AutoProcessor
     path = check_checkpoint(path)
     try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        # PIL's resampling, as LLaVA's own preprocessing and our training (with torchvision
+        # installed transformers would pick its bicubic, a few 1e-3 away).
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True, backend="pil")
     except (OSError, ValueError) as e:
         first = (" ".join(str(e).split()).split(". ")[0] or type(e).__name__).rstrip(".")
         raise OSError(f"{path}: cannot load the processor saved with the model (image processor + "

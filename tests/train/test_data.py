@@ -218,8 +218,8 @@ def test_subword_tokenizer_labels():
 
 
 def test_hf_image_processor_accepted(records, images, tok):
-    from transformers import CLIPImageProcessor
-    hf = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    from transformers import CLIPImageProcessorPil   # PIL's bicubic, as ours (torchvision's differs)
+    hf = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     a = LlavaConversationDataset(records[:2], images[:2], tok, hf, 1023)[1]["pixel_values"]
     b = ClipImageProcessor()(images[1])
     assert a.shape == b.shape == (3, 336, 336)
