@@ -40,7 +40,7 @@ from ..methods import MethodSpec
 from .adapter import Adapter, Prompt
 from .decoder import Sequence
 from .forward import Reduction
-from .sequence import Spans, locate_units
+from .sequence import locate_units
 
 
 class QwenVLAdapter(Adapter):
@@ -121,16 +121,16 @@ class QwenVLAdapter(Adapter):
     # ----------------------------------------------------------------------- the contract
 
     def embed(self, model, prompt: Prompt, red: Optional[Reduction]) -> Sequence:
-        emb = prompt.inputs_embeds
-        if emb is None:
-            emb = model.model.get_input_embeddings()(prompt.input_ids)
+        seq = self.text_sequence(model, prompt)
+        emb = seq.hidden
         b, length, d = emb.shape
         device = emb.device
-        kept = torch.arange(length, device=device)[None].expand(b, -1)
-        seq = Sequence(hidden=emb, mask=prompt.attention_mask, pos=prompt.position_ids, kept=kept,
-                       query_index=prompt.query_index)
         given = prompt.given_positions
-        if not prompt.has_media:
+        # The processor returns mm_token_type_ids for text-only prompts too: no pixels and no
+        # grids is a text prompt.
+        visual = any(prompt.media.get(k) is not None
+                     for k in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw"))
+        if not visual:
             rope = given[-3:] if given is not None and given.dim() == 3 else prompt.position_ids[None].expand(3, -1, -1)
             return replace(seq, rope_pos=rope)
 
