@@ -3,20 +3,25 @@
     reports = epic_ext.infer(model, inputs, method="dart", keep=64, layer=2, max_new_tokens=16)
     for r in reports: print(r.answer_ids, r.kv_bytes, r.prefill_ms, r.decode_ms_per_token)
 
-The decode loop is written out (no ``generate``) so prefill and per-token decode time are
-measured separately; its tokens equal ``generate``'s (greedy, or sampled with the same seed).
-Per request it reports visual tokens per layer, KV-cache bytes per layer (layers below K hold
-every prompt token) and prefill FLOPs from :mod:`epic_ext.cost`.
+``inputs`` are a processor's outputs for any family ``apply`` supports (LLaVA: ``pixel_values``;
+Qwen-VL: ``pixel_values`` / ``image_grid_thw`` and ``pixel_values_videos`` / ``video_grid_thw``,
+several images and videos per row, text-only rows in the batch). The decode loop is written out
+(no ``generate``) so prefill and per-token decode time are measured separately; its tokens equal
+``generate``'s (greedy, or sampled with the same seed; the generation config's EOS ids and
+suppressed tokens are honoured, its other logits processors, e.g. a repetition penalty, are not).
+Per request it reports its visual units, visual tokens per layer, KV-cache bytes per layer
+(layers below K hold every prompt token; the kept count is read from the cache) and prefill
+FLOPs from :func:`epic_ext.cost.request_cost`.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import torch
 
-from .cost import prefill_cost
+from .cost import VisualUnit, request_cost
 
 
 @dataclass
@@ -33,6 +38,9 @@ class RequestReport:
     batch_size: int
     method: str
     extra: dict = field(default_factory=dict)
+    # per visual unit (image / video frame group): kind, grid (h, w), tokens, kept (None when the
+    # method's budget is adaptive: only the request's total is known, from the cache)
+    units: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +66,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: Optional[int], gen) -> torch.Tensor:
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: Optional[int], gen,
+          suppress: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if suppress is not None:
+        logits = logits.index_fill(-1, suppress, float("-inf"))
     if not do_sample:
         return logits.argmax(-1, keepdim=True)
     logits = logits.float() / max(temperature, 1e-5)
@@ -69,10 +80,26 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: Opti
 
 
 @torch.no_grad()
-def generate_timed(model, input_ids, pixel_values, attention_mask=None, *, max_new_tokens: int = 16,
-                   do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
-                   eos_token_id: Optional[int] = None, seed: int = 0):
-    """Prefill + cached decode. Returns (new_ids [B, T], cache, prefill_s, decode_s, steps)."""
+def _eos_ids(model, eos_token_id) -> list[int]:
+    """The ids that end an answer: ``eos_token_id`` (an int or a list) when given, else the
+    generation config's (Qwen lists two), else the text config's."""
+    if eos_token_id is None:
+        gen_cfg = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gen_cfg, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = model.config.text_config.eos_token_id
+    if eos_token_id is None:
+        return []
+    return [int(e) for e in eos_token_id] if isinstance(eos_token_id, (list, tuple)) else [int(eos_token_id)]
+
+
+def generate_timed(model, input_ids, pixel_values, attention_mask=None, *, media: Optional[dict] = None,
+                   max_new_tokens: int = 16, do_sample: bool = False, temperature: float = 1.0,
+                   top_k: Optional[int] = None, eos_token_id=None, seed: int = 0):
+    """Prefill + cached decode. ``media``: the family's other visual inputs (Qwen-VL: grids,
+    video pixels, ...); ``pixel_values`` may be None for a video-only batch. ``eos_token_id``:
+    an id or a list (None: the model's generation config). Returns (new_ids [B, T], cache,
+    prefill_s, decode_s, steps)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
     device = input_ids.device
@@ -81,51 +108,102 @@ def generate_timed(model, input_ids, pixel_values, attention_mask=None, *, max_n
     mask = attention_mask.long()
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     gen = torch.Generator(device=device).manual_seed(seed) if do_sample else None
-    eos = model.config.text_config.eos_token_id if eos_token_id is None else eos_token_id
+    eos = _eos_ids(model, eos_token_id)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    suppressed = getattr(getattr(model, "generation_config", None), "suppress_tokens", None)
+    suppress = torch.tensor(suppressed, dtype=torch.long, device=device) if suppressed else None
+    media = {k: v for k, v in (media or {}).items() if v is not None}
+    if pixel_values is not None:
+        media["pixel_values"] = pixel_values
 
     _sync(device)
     t0 = time.perf_counter()
-    out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=mask, position_ids=pos,
-                use_cache=True, logits_to_keep=1)
-    nxt = _pick(out.logits[:, -1], do_sample, temperature, top_k, gen)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **media)
+    nxt = _pick(out.logits[:, -1], do_sample, temperature, top_k, gen, suppress)
     _sync(device)
     prefill_s = time.perf_counter() - t0
 
     cache, tokens = out.past_key_values, [nxt]
-    done = nxt.squeeze(1) == eos
+    done = torch.isin(nxt.squeeze(1), eos_t)
     t0 = time.perf_counter()
     for _ in range(max_new_tokens - 1):
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         pos = pos[:, -1:] + 1
         out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                     logits_to_keep=1)
-        nxt = _pick(out.logits[:, -1], do_sample, temperature, top_k, gen)
-        nxt = torch.where(done[:, None], torch.full_like(nxt, eos), nxt)
+        nxt = _pick(out.logits[:, -1], do_sample, temperature, top_k, gen, suppress)
+        if eos:
+            nxt = torch.where(done[:, None], torch.full_like(nxt, eos[0]), nxt)
         tokens.append(nxt)
-        done = done | (nxt.squeeze(1) == eos)
-        if eos is not None and bool(done.all()):
+        done = done | torch.isin(nxt.squeeze(1), eos_t)
+        if eos and bool(done.all()):
             break
     _sync(device)
     decode_s = time.perf_counter() - t0
     return torch.cat(tokens, dim=1), cache, prefill_s, decode_s, len(tokens) - 1
 
 
+def request_units(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: dict) -> list[list[VisualUnit]]:
+    """Per row, its visual units in prompt order (nothing reduced yet), located in ``input_ids``
+    as the adapter's forward locates them (so a mismatch raises the same ValueError, before the
+    model runs)."""
+    from .models import adapter_of
+    from .models.sequence import locate_units
+    adapter = adapter_of(model)
+    if hasattr(adapter, "units"):            # dynamic resolution (Qwen-VL): from the grids
+        units, argument = adapter.units(model, media), "image_grid_thw"
+    else:                                    # a fixed grid per image (LLaVA)
+        n = adapter.unit_tokens(model)
+        side = int(round(n ** 0.5))
+        pixels = media.get("pixel_values")
+        count = 0 if pixels is None else pixels.shape[0]
+        units, argument = [("image", i, (side, n // side)) for i in range(count)], "pixel_values"
+    spans = locate_units(input_ids, units, adapter.placeholder_ids(model), argument, attention_mask)
+    rows: list[list[VisualUnit]] = [[] for _ in range(input_ids.shape[0])]
+    for r, (h, w), kind in zip(spans.row, spans.grid, spans.kind):
+        rows[r].append(VisualUnit(tokens=h * w, grid=(h, w), kind=kind))
+    return rows
+
+
+def _budgeted(units: list[VisualUnit], spec, cfg, measured: int) -> list[VisualUnit]:
+    """``units`` with each one's kept count where the method's budget fixes it per unit and
+    the cache's total agrees; unchanged (kept None) otherwise (adaptive budgets)."""
+    try:
+        kept = [u.tokens if spec.name == "none" else cfg.resolved_keep(u.tokens) for u in units]
+    except (ValueError, TypeError, AttributeError):
+        return units
+    if sum(kept) != measured:
+        return units
+    return [replace(u, kept=k) for u, k in zip(units, kept)]
+
+
 def infer(model, inputs: dict, *, method: Optional[str] = None, keep=None, processor=None,
           max_new_tokens: int = 16, do_sample: bool = False, temperature: float = 1.0,
           top_k: Optional[int] = None, seed: int = 0, **method_options) -> list[RequestReport]:
-    """Run ``model`` on a batch (``inputs``: input_ids, attention_mask, pixel_values, e.g. from a
-    processor) with ``method`` applied for this call (None: the model as it is), and report per
-    request. ``processor.batch_decode`` turns answers into text when given."""
-    from .models import applied_method, apply, revert
+    """Run ``model`` on a batch (``inputs``: input_ids, attention_mask and the family's visual
+    inputs, e.g. a processor's output) with ``method`` applied for this call (None: the model as
+    it is), and report per request. ``processor.decode`` turns answers into text when given."""
+    from .models import adapter_of, applied_method, apply, revert
 
-    for key in ("input_ids", "pixel_values"):
-        if key not in inputs:
-            raise ValueError(f"inputs: missing {key!r}")
+    adapter = adapter_of(model)
+    if "input_ids" not in inputs:
+        raise ValueError("inputs: missing 'input_ids'")
+    pixel_keys = [k for k in adapter.media_keys if k.startswith("pixel_values")]
+    if not any(inputs.get(k) is not None for k in pixel_keys):
+        raise ValueError(f"inputs: missing {' or '.join(repr(k) for k in pixel_keys)} (no image or video)")
     device = next(model.parameters()).device
     input_ids = inputs["input_ids"].to(device)
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-    pixel_values = inputs["pixel_values"].to(device=device, dtype=model.dtype)
+    media = {}
+    for key in adapter.media_keys:
+        value = inputs.get(key)
+        if isinstance(value, torch.Tensor):
+            value = value.to(device=device, dtype=model.dtype if value.is_floating_point() else value.dtype)
+        if value is not None:
+            media[key] = value
+    rows = request_units(model, input_ids, mask.bool(), media)
 
     previous = applied_method(model)
     if method is not None:
@@ -134,8 +212,8 @@ def infer(model, inputs: dict, *, method: Optional[str] = None, keep=None, proce
         apply(model, "none")        # the same code path, so the report's accounting holds
     try:
         new_ids, cache, prefill_s, decode_s, steps = generate_timed(
-            model, input_ids, pixel_values, mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, seed=seed)
+            model, input_ids, media.pop("pixel_values", None), mask, media=media, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_k=top_k, seed=seed)
         spec, cfg = applied_method(model)
     finally:
         if previous is None:
@@ -143,23 +221,25 @@ def infer(model, inputs: dict, *, method: Optional[str] = None, keep=None, proce
         elif method is not None:
             apply(model, previous[0].name, **vars(previous[1]))
 
-    cfg_text = model.config.text_config
-    n_img = model.config.image_seq_length
-    real = mask.sum(1)
+    n_layers = len(cache.layers)
+    real = mask.sum(1).tolist()
     cached = getattr(cache, "_epic", None)
-    kept_real = cached.mask.sum(1) if cached is not None else real
-    kept_visual = (kept_real - (real - n_img)).tolist()
-    layer = cached.layer if cached is not None else cfg_text.num_hidden_layers - 1
-    if cached is None:
-        kept_visual = [n_img] * len(kept_visual)
-    eos = cfg_text.eos_token_id
+    # What layers >= K hold of each row's prompt (its kept tokens), from the cache itself.
+    kept_real = cached.mask.sum(1).tolist() if cached is not None else real
+    layer = cached.layer if cached is not None else n_layers - 1
+    eos = _eos_ids(model, None)
     bytes_per = torch.finfo(model.dtype).bits // 8
     reports = []
-    for b in range(input_ids.shape[0]):
+    for b, units in enumerate(rows):
         ids = new_ids[b].tolist()
-        if eos in ids:
-            ids = ids[: ids.index(eos)]
-        cost = prefill_cost(model.config, int(real[b]), int(kept_visual[b]), layer, bytes_per, new_tokens=len(ids))
+        stop = [i for i, t in enumerate(ids) if t in eos]
+        ids = ids[: stop[0]] if stop else ids
+        visual = sum(u.tokens for u in units)
+        text = int(real[b]) - visual
+        kept_visual = int(kept_real[b]) - text if cached is not None else visual
+        units = _budgeted(units, spec, cfg, kept_visual)
+        cost = request_cost(model.config, text, units, layer, kept_visual=kept_visual, bytes_per_element=bytes_per,
+                            new_tokens=len(ids))
         reports.append(RequestReport(
             answer_ids=ids, answer=processor.decode(ids) if processor is not None and hasattr(processor, "decode")
             else None,
@@ -167,8 +247,29 @@ def infer(model, inputs: dict, *, method: Optional[str] = None, keep=None, proce
             kv_bytes_per_layer=cost.kv_bytes_per_layer, kv_bytes=cost.kv_bytes, prefill_flops=cost.flops,
             prefill_ms=prefill_s * 1e3, decode_ms_per_token=decode_s * 1e3 / max(steps, 1),
             batch_size=int(input_ids.shape[0]), method=spec.name,
-            extra={"layer": layer, "flops_vision": cost.flops_vision, "flops_llm": cost.flops_llm}))
+            extra={"layer": layer, "flops_vision": cost.flops_vision, "flops_llm": cost.flops_llm,
+                   "text_tokens": text},
+            units=[{"kind": u.kind, "grid": list(u.grid), "tokens": u.tokens, "kept": u.kept} for u in units]))
     return reports
+
+
+def _units_line(units: list[dict]) -> str:
+    """'2 images (4x4, 2x2), 1 video of 2 frame groups (2x3)': runs of equal units folded."""
+    parts, i = [], 0
+    while i < len(units):
+        j = i
+        while j + 1 < len(units) and units[j + 1]["kind"] == units[i]["kind"] and units[i]["kind"] == "video" \
+                and units[j + 1]["grid"] == units[i]["grid"]:
+            j += 1
+        u = units[i]
+        grid = "x".join(map(str, u["grid"]))
+        kept = "" if u["kept"] is None else f" -> {u['kept'] * (j - i + 1)}"
+        if u["kind"] == "video":
+            parts.append(f"video {j - i + 1} x {grid}{kept}")
+        else:
+            parts.append(f"image {grid}{kept}")
+        i = j + 1
+    return ", ".join(parts) if parts else "none (text only)"
 
 
 def format_reports(reports: list[RequestReport]) -> str:
@@ -177,6 +278,7 @@ def format_reports(reports: list[RequestReport]) -> str:
         vis = r.visual_tokens_per_layer
         k = r.extra.get("layer", 0)
         lines.append(f"[{i}] {r.method}: {r.answer!r}" if r.answer is not None else f"[{i}] {r.method}: {r.answer_ids}")
+        lines.append(f"    visual units: {_units_line(r.units)}")
         lines.append(f"    visual tokens: {vis[0]} in layers < {k}, {vis[-1]} from layer {k}"
                      if vis[0] != vis[-1] else f"    visual tokens: {vis[0]} in every layer")
         lines.append(f"    KV cache {r.kv_bytes / 2**20:.2f} MiB ({r.kv_bytes_per_layer[0] / 2**10:.1f} KiB in layer 0, "
