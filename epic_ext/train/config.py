@@ -1,6 +1,7 @@
 """The trainer's configuration: one dataclass, loaded from YAML (``epic-ext train --config``).
 
-    model: tiny                  # a preset of epic_ext.models.tiny, or a local LLaVA folder
+    model: tiny                  # a preset (tiny LLaVA of epic_ext.models.tiny, or tiny-qwen2.5-vl ...),
+                                 # or a local LLaVA / Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder
     init_from: runs/vanilla      # optional: start from a saved model (a run's final/ folder)
     data: {synthetic: {n: 2048, seed: 0}}        # or {json: data.json, images: img/}
     schedule: tcd                # tcd | lcd | icd | direct | no-progressive
@@ -93,9 +94,8 @@ class TrainConfig:
         return self
 
     def _check_model(self) -> None:
-        from ..models.tiny import PRESETS
-        if self.init_from is None and self.model not in PRESETS and not Path(self.model).is_dir():
-            raise ValueError(f"model: {self.model!r} is neither a preset ({sorted(PRESETS)}) nor a local folder")
+        if self.init_from is None and self.model not in model_presets() and not Path(self.model).is_dir():
+            raise ValueError(f"model: {self.model!r} is neither a preset ({model_presets()}) nor a local folder")
         if self.init_from is not None and not Path(self.init_from).is_dir():
             raise ValueError(f"init_from: no such folder {self.init_from!r} (a saved model, e.g. a run's final/)")
 
@@ -165,6 +165,16 @@ class TrainConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# Tiny Qwen-VL presets (epic_ext.models.tiny_qwen) by family.
+QWEN_PRESETS = {"tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}
+
+
+def model_presets() -> list[str]:
+    """Every model preset name: the tiny LLaVA ones and the tiny Qwen-VL ones."""
+    from ..models.tiny import PRESETS
+    return sorted(PRESETS) + list(QWEN_PRESETS)
 
 
 _STR_KEYS = ("model", "init_from", "dtype", "attn_implementation", "schedule", "method", "output_dir")

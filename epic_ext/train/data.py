@@ -17,19 +17,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
 IMAGE_TAG = "<image>"
+VIDEO_TAG = "<video>"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
                 "helpful, detailed, and polite answers to the human's questions.")
+# The visual inputs of the processor-encoded families, concatenated along dim 0 by collate (rows
+# own their items in order, as the processors batch them).
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 _ROLES = {"human": "USER", "user": "USER", "gpt": "ASSISTANT", "assistant": "ASSISTANT"}
 
 
@@ -62,6 +68,22 @@ def normalize_turns(record: dict, where: str = "json_path_or_records") -> list[t
     turn and ending with an answer, exactly one ``<image>`` tag in a human turn, moved to the front
     of that turn as ``<image>\\n`` (what LLaVA's ``preprocess_multimodal`` does)."""
     rid = record.get("id", "?") if isinstance(record, dict) else "?"
+    turns = _checked_turns(record, where)
+    tags = sum(t.count(IMAGE_TAG) for _, t in turns)
+    if tags != 1 or any(IMAGE_TAG in t for r, t in turns if r == "ASSISTANT"):
+        raise ValueError(f"{where}: sample {rid!r} has {tags} {IMAGE_TAG} tags; need exactly one, in a human turn")
+    out = []
+    for role, text in turns:
+        if IMAGE_TAG in text:
+            text = IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()
+        out.append((role, text.strip()))
+    return out
+
+
+def _checked_turns(record: dict, where: str) -> list[tuple[str, str]]:
+    """[(role, text)] of a record's ``conversations``: roles alternate human/gpt, starting with a
+    human turn and ending with an answer (texts as given)."""
+    rid = record.get("id", "?") if isinstance(record, dict) else "?"
     conv = record.get("conversations") if isinstance(record, dict) else None
     if not isinstance(conv, list) or not conv:
         raise ValueError(f"{where}: sample {rid!r} has no 'conversations' list")
@@ -78,14 +100,67 @@ def normalize_turns(record: dict, where: str = "json_path_or_records") -> list[t
         turns.append((role, text))
     if turns[-1][0] != "ASSISTANT":
         raise ValueError(f"{where}: sample {rid!r} ends with a question: nothing to supervise")
-    tags = sum(t.count(IMAGE_TAG) for _, t in turns)
-    if tags != 1 or any(IMAGE_TAG in t for r, t in turns if r == "ASSISTANT"):
-        raise ValueError(f"{where}: sample {rid!r} has {tags} {IMAGE_TAG} tags; need exactly one, in a human turn")
-    out = []
+    return turns
+
+
+def sample_media(record: dict, where: str = "json_path_or_records") -> tuple[list[str], Optional[object]]:
+    """(image names, video) of a LLaVA-OneVision record: ``"image"`` a path or a list of paths
+    (absent: no image), ``"video"`` a folder of frames or a list of frame files (absent: none)."""
+    rid = record.get("id", "?")
+    image, video = record.get("image"), record.get("video")
+    if image is None:
+        images = []
+    elif isinstance(image, str):
+        images = [image]
+    elif isinstance(image, list) and image and all(isinstance(x, str) for x in image):
+        images = list(image)
+    else:
+        raise ValueError(f"{where}: sample {rid!r}: 'image' must be a path or a non-empty list of paths, "
+                         f"got {image!r}")
+    if video is not None and not (isinstance(video, str) or (
+            isinstance(video, list) and video and all(isinstance(x, str) for x in video))):
+        raise ValueError(f"{where}: sample {rid!r}: 'video' must be a folder of frames or a non-empty list of "
+                         f"frame files, got {video!r}")
+    return images, video
+
+
+def media_turns(record: dict, where: str = "json_path_or_records") -> list[tuple[str, list]]:
+    """[(role, parts)] of a LLaVA-OneVision record, each part ``("text", str)``, ``("image", i)``
+    (the record's i-th image) or ``("video", 0)``, in reading order. Placeholders: one ``<image>``
+    per image and one ``<video>`` for the video, in human turns; a video-only record may mark its
+    video with one ``<image>`` (LLaVA-Video's data does). A record without any placeholder gets
+    its images, then its video, at the start of the first human turn. A text-only record has
+    neither key nor placeholder."""
+    rid = record.get("id", "?") if isinstance(record, dict) else "?"
+    turns = _checked_turns(record, where)
+    images, video = sample_media(record, where)
+    n_video = int(video is not None)
+
+    def count(tag):
+        return sum(t.count(tag) for _, t in turns)
+    if any(IMAGE_TAG in t or VIDEO_TAG in t for r, t in turns if r == "ASSISTANT"):
+        raise ValueError(f"{where}: sample {rid!r} has a {IMAGE_TAG} or {VIDEO_TAG} tag in an answer")
+    if n_video and not images and count(VIDEO_TAG) == 0 and count(IMAGE_TAG) == 1:
+        turns = [(r, t.replace(IMAGE_TAG, VIDEO_TAG)) for r, t in turns]
+    if count(IMAGE_TAG) == 0 and count(VIDEO_TAG) == 0:
+        head = IMAGE_TAG * len(images) + VIDEO_TAG * n_video
+        turns = [(turns[0][0], head + turns[0][1])] + turns[1:]
+    elif count(IMAGE_TAG) != len(images) or count(VIDEO_TAG) != n_video:
+        raise ValueError(f"{where}: sample {rid!r} has {count(IMAGE_TAG)} {IMAGE_TAG} and {count(VIDEO_TAG)} "
+                         f"{VIDEO_TAG} tags for {len(images)} image(s) and {n_video} video(s); give one tag per "
+                         f"image and video, in human turns, or none (then they go first)")
+    out, next_image = [], 0
     for role, text in turns:
-        if IMAGE_TAG in text:
-            text = IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()
-        out.append((role, text.strip()))
+        parts = []
+        for piece in re.split(f"({re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)})", text):
+            if piece == IMAGE_TAG:
+                parts.append(("image", next_image))
+                next_image += 1
+            elif piece == VIDEO_TAG:
+                parts.append(("video", 0))
+            elif piece.strip():
+                parts.append(("text", piece.strip()))
+        out.append((role, parts))
     return out
 
 
@@ -166,10 +241,12 @@ def llava_processor(model_config, tokenizer, image_size: int = 336):
     crop, CLIP normalisation) as a ``LlavaImageProcessor``, ``tokenizer`` with its chat template,
     and ``<image>`` expanded to the model's image-token count. Saved next to a trained model so
     that ``AutoProcessor.from_pretrained`` loads a complete checkpoint."""
-    from transformers import LlavaImageProcessor, LlavaProcessor
+    from transformers import LlavaImageProcessorPil, LlavaProcessor
     from transformers.image_utils import PILImageResampling
 
-    image_processor = LlavaImageProcessor(
+    # The PIL backend, as training's ClipImageProcessor: with torchvision installed the default
+    # class resizes with torchvision's bicubic, up to 0.015 away from what the model trained on.
+    image_processor = LlavaImageProcessorPil(
         do_pad=True, do_resize=True, size={"shortest_edge": image_size}, resample=PILImageResampling.BICUBIC,
         do_center_crop=True, crop_size={"height": image_size, "width": image_size}, do_rescale=True,
         rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
@@ -198,6 +275,24 @@ def _pixels(processor, image) -> Tensor:
 
 # --------------------------------------------------------------------------- dataset
 
+def read_records(json_path_or_records) -> list:
+    """The records of a conversation JSON file (a list), or the given list."""
+    if isinstance(json_path_or_records, (str, os.PathLike)):
+        path = Path(json_path_or_records)
+        if not path.is_file():
+            raise ValueError(f"json_path_or_records: no such file {str(path)!r}")
+        try:
+            with open(path) as f:
+                records = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"json_path_or_records: {str(path)!r} is not valid JSON ({e})") from None
+    else:
+        records = json_path_or_records
+    if not isinstance(records, (list, tuple)):
+        raise ValueError("json_path_or_records: expected a JSON list of records or a list of dicts")
+    return list(records)
+
+
 class LlavaConversationDataset(torch.utils.data.Dataset):
     """LLaVA conversation JSON (single- or multi-turn, exactly one ``<image>`` per sample) as
     training samples.
@@ -216,20 +311,7 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
     def __init__(self, json_path_or_records, image_folder_or_images, tokenizer, image_processor=None,
                  image_token_id: int | None = None, image_tokens: int = 576, max_length: int | None = 2048,
                  system: str | None = None):
-        if isinstance(json_path_or_records, (str, os.PathLike)):
-            path = Path(json_path_or_records)
-            if not path.is_file():
-                raise ValueError(f"json_path_or_records: no such file {str(path)!r}")
-            try:
-                with open(path) as f:
-                    records = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"json_path_or_records: {str(path)!r} is not valid JSON ({e})") from None
-        else:
-            records = json_path_or_records
-        if not isinstance(records, (list, tuple)):
-            raise ValueError("json_path_or_records: expected a JSON list of records or a list of dicts")
-        self.records = list(records)
+        self.records = read_records(json_path_or_records)
         self.turns = [normalize_turns(r) for r in self.records]
 
         if not getattr(tokenizer, "is_fast", False):
@@ -326,14 +408,198 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
         return [next(t for r, t in turns if r == "ASSISTANT") for turns in self.turns]
 
 
+class ProcessorConversationDataset(torch.utils.data.Dataset):
+    """Conversation JSON in the LLaVA-OneVision format (several images, a video, text-only
+    samples; see :func:`media_turns`) encoded by a model's own processor: its chat template, its
+    image and video preprocessing and its placeholder expansion (the Qwen-VL families).
+
+    ``media``: a folder holding the records' image files and videos (a folder of frames, or the
+    frame files a record lists), a mapping name -> image (PIL / uint8 array) or name -> video
+    frames ([T, H, W, 3] uint8 or a list of images), or None when every record is text-only.
+    A record may give ``"fps"``, the frame rate of its video's frames (Qwen2.5-VL's temporal
+    positions follow it; else the processor's default). Structure and media presence are checked
+    up front (ValueError naming the argument); images load and encode lazily.
+
+    Labels: every token after an assistant header of the chat template (the text its generation
+    prompt adds) through the end-of-turn token that closes the answer; ``query_index`` is the
+    first answer's header's last token (where generation starts). A sample: ``input_ids`` /
+    ``labels`` / ``mm_token_type_ids`` int64 [L], ``query_index``, the processor's media tensors
+    of this sample (``pixel_values`` [patches, C], ``image_grid_thw`` [n, 3], ...), ``questions``,
+    ``answers``."""
+
+    def __init__(self, json_path_or_records, media, processor, max_length: Optional[int] = 2048):
+        self.records = read_records(json_path_or_records)
+        self.turns = [media_turns(r) for r in self.records]
+        self.media_names = [sample_media(r) for r in self.records]
+        if getattr(processor, "tokenizer", None) is None or getattr(processor, "chat_template", None) is None:
+            raise ValueError("processor: needs a processor with a tokenizer and a chat template")
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length: must be >= 2, got {max_length}")
+        self.processor, self.max_length = processor, max_length
+        self.header_ids, self.end_id = _answer_marks(processor)
+        self._folder, self._items = None, None
+        if isinstance(media, (str, os.PathLike)):
+            folder = Path(media)
+            if not folder.is_dir():
+                raise ValueError(f"media: no such folder {str(folder)!r}")
+            self._folder = folder
+        elif isinstance(media, Mapping):
+            self._items = media
+        elif media is not None:
+            raise ValueError("media: expected a folder, a mapping name -> image / video frames, or None")
+        for r, (images, video) in zip(self.records, self.media_names):
+            for name in images + ([] if video is None else [video] if isinstance(video, str) else video):
+                if not self._has(name, as_folder=isinstance(video, str) and name is video):
+                    raise ValueError(f"media: sample {r.get('id', '?')!r}: {name!r} not found in "
+                                     f"{str(self._folder) if self._folder is not None else 'the given media'}")
+            fps = r.get("fps")
+            if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
+                raise ValueError(f"json_path_or_records: sample {r.get('id', '?')!r}: 'fps' must be a positive "
+                                 f"number, got {fps!r}")
+
+    def _has(self, name: str, as_folder: bool) -> bool:
+        if self._folder is not None:
+            path = self._folder / name
+            return path.is_dir() and bool(_frame_files(path)) if as_folder else path.is_file()
+        return self._items is not None and name in self._items
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_image(self, name: str):
+        if self._folder is None:
+            return self._items[name]
+        from PIL import Image
+        with Image.open(self._folder / name) as f:
+            return f.convert("RGB")
+
+    def load_video(self, video):
+        """[T, H, W, 3] uint8 frames of a record's ``video`` (a folder, or a list of frames)."""
+        import numpy as np
+        if isinstance(video, str) and self._folder is not None:
+            frames = [self.load_image(str(f.relative_to(self._folder))) for f in _frame_files(self._folder / video)]
+        elif isinstance(video, str):
+            frames = self._items[video]
+        else:
+            frames = [self.load_image(name) for name in video]
+        frames = [np.asarray(f.convert("RGB") if hasattr(f, "convert") else f, dtype=np.uint8) for f in frames]
+        if len({f.shape for f in frames}) != 1 or frames[0].ndim != 3:
+            raise ValueError(f"media: video {video!r}: frames must be [H, W, 3] images of one size")
+        return np.stack(frames)
+
+    def __getitem__(self, i: int) -> dict:
+        record, turns = self.records[i], self.turns[i]
+        names, video_name = self.media_names[i]
+        messages = [{"role": "user" if role == "USER" else "assistant",
+                     "content": [{"type": kind, "text": value} if kind == "text" else {"type": kind}
+                                 for kind, value in parts]} for role, parts in turns]
+        text = self.processor.apply_chat_template(messages, tokenize=False)
+        kwargs = {}
+        if names:
+            kwargs["images"] = [self.load_image(n) for n in names]
+        if video_name is not None:
+            video = self.load_video(video_name)
+            kwargs["videos"] = [video]
+            if record.get("fps") is not None:
+                from transformers.video_utils import VideoMetadata
+                kwargs["video_metadata"] = [VideoMetadata(total_num_frames=len(video), fps=float(record["fps"]),
+                                                          frames_indices=list(range(len(video))))]
+        out = self.processor(text=[text], return_tensors="pt", **kwargs)
+        rid = record.get("id", str(i))
+        ids = out["input_ids"][0].long()
+        n_answers = sum(role == "ASSISTANT" for role, _ in turns)
+        labels, q = answer_labels(ids, self.header_ids, self.end_id, n_answers, f"sample {rid!r}")
+        sample = {"id": rid, "input_ids": ids, "labels": labels, "query_index": q}
+        if "mm_token_type_ids" in out:
+            sample["mm_token_type_ids"] = out["mm_token_type_ids"][0].long()
+        if self.max_length is not None and len(ids) > self.max_length:
+            # Right truncation like the LLaVA path, but never through an image or video (its grid
+            # would no longer match its tokens) nor before the first answer's first token.
+            visual = (sample["mm_token_type_ids"] > 0).nonzero() if "mm_token_type_ids" in sample else ids[:0]
+            need = max(q + 2, int(visual.max()) + 1 if len(visual) else 0)
+            if need > self.max_length:
+                raise ValueError(f"max_length: sample {rid!r} needs {need} tokens to keep its images / video and "
+                                 f"reach its first answer, max_length is {self.max_length}")
+            for key in ("input_ids", "labels", "mm_token_type_ids"):
+                if key in sample:
+                    sample[key] = sample[key][:self.max_length]
+        for key in MEDIA_KEYS:
+            if key in out:
+                sample[key] = out[key]
+        sample["questions"] = [" ".join(v for k, v in parts if k == "text") for r, parts in turns if r == "USER"]
+        sample["answers"] = [" ".join(v for k, v in parts if k == "text") for r, parts in turns if r == "ASSISTANT"]
+        return sample
+
+    def references(self) -> list[str]:
+        """Each sample's first answer."""
+        return [" ".join(v for k, v in turns[1][1] if k == "text") for turns in self.turns]
+
+
+def _frame_files(folder: Path) -> list[Path]:
+    """The image files of a video folder in natural name order (frame_2 before frame_10)."""
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+    key = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]   # noqa: E731
+    return sorted((f for f in folder.iterdir() if f.suffix.lower() in exts and f.is_file()), key=key)
+
+
+def _answer_marks(processor) -> tuple[list[int], int]:
+    """(header ids, end id) of the processor's chat template: the tokens its generation prompt
+    adds (Qwen: ``<|im_start|>assistant\\n``) and the first token after an answer
+    (``<|im_end|>``)."""
+    tok = processor.tokenizer
+    user = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+    base = processor.apply_chat_template(user, tokenize=False)
+    prompt = processor.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": "y"}]}],
+                                         tokenize=False)
+    if not prompt.startswith(base) or not full.startswith(prompt + "y") or len(prompt) == len(base):
+        raise ValueError("processor: its chat template does not put an answer right after the generation prompt; "
+                         "answer-only labels need that layout")
+    header = tok(prompt[len(base):], add_special_tokens=False)["input_ids"]
+    end = tok(full[len(prompt) + 1:], add_special_tokens=False)["input_ids"][:1]
+    if not header or not end:
+        raise ValueError("processor: its chat template has no assistant header or no end-of-turn token")
+    return header, end[0]
+
+
+def answer_labels(ids: Tensor, header: list[int], end: int, n_answers: int, what: str = "sample"
+                  ) -> tuple[Tensor, int]:
+    """(labels, query_index) of ``ids``: each answer's tokens after an assistant ``header``
+    through its ``end`` token; ``query_index``: the first header's last token."""
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    n, found, first = len(header), 0, None
+    seq = ids.tolist()
+    pos = 0
+    for start in (ids == header[0]).nonzero().flatten().tolist():
+        if start < pos or seq[start:start + n] != header:
+            continue
+        a = start + n
+        try:
+            b = seq.index(end, a)
+        except ValueError:
+            raise ValueError(f"{what}: an answer has no end-of-turn token (truncated?)") from None
+        labels[a:b + 1] = ids[a:b + 1]
+        first = a if first is None else first
+        found, pos = found + 1, b + 1
+    if found != n_answers:
+        raise ValueError(f"{what}: the encoded text has {found} assistant headers for {n_answers} answers (does a "
+                         f"question contain the chat template's special tokens?)")
+    return labels, first - 1
+
+
 # --------------------------------------------------------------------------- batching
 
 def collate(batch: Sequence[dict], pad_id: int, padding_side: str = "right",
             pad_to_multiple_of: int | None = None) -> dict:
     """Pad samples into tensors: ``input_ids`` int64 [B, L] (``pad_id``), ``attention_mask`` int64
     [B, L], ``labels`` int64 [B, L] (IGNORE_INDEX on padding; only when the samples have labels),
-    ``pixel_values`` float32 [B, 3, H, W], ``query_index`` int64 [B] (shifted by each row's left
-    padding). Use ``functools.partial(collate, pad_id=...)`` as a DataLoader ``collate_fn``."""
+    ``mm_token_type_ids`` int64 [B, L] (0 on padding; when the samples have them), the visual
+    inputs, ``query_index`` int64 [B] (shifted by each row's left padding). Visual inputs
+    (:data:`MEDIA_KEYS`) are concatenated in row order over the samples that have them, as the
+    processors batch them: LLaVA's ``pixel_values`` [3, H, W] per sample gives float32 [B, 3, H,
+    W]; a Qwen-VL sample's patches [P, C] and ``image_grid_thw`` [n, 3] give [sum P, C] and
+    [sum n, 3]; text-only samples add nothing. Use ``functools.partial(collate, pad_id=...)`` as a
+    DataLoader ``collate_fn``."""
     if not batch:
         raise ValueError("batch: empty")
     if padding_side not in ("left", "right"):
@@ -346,6 +612,8 @@ def collate(batch: Sequence[dict], pad_id: int, padding_side: str = "right",
     input_ids = torch.full((b, length), pad_id, dtype=torch.long)
     mask = torch.zeros(b, length, dtype=torch.long)
     labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+    has_types = any("mm_token_type_ids" in s for s in batch)
+    types = torch.zeros(b, length, dtype=torch.long) if has_types else None
     query = torch.empty(b, dtype=torch.long)
     for i, s in enumerate(batch):
         n = len(s["input_ids"])
@@ -354,11 +622,23 @@ def collate(batch: Sequence[dict], pad_id: int, padding_side: str = "right",
         mask[i, off:off + n] = 1
         if has_labels:
             labels[i, off:off + n] = torch.as_tensor(s["labels"])
+        if has_types and "mm_token_type_ids" in s:
+            types[i, off:off + n] = torch.as_tensor(s["mm_token_type_ids"])
         query[i] = int(s["query_index"]) + off
     out = {"input_ids": input_ids, "attention_mask": mask}
     if has_labels:
         out["labels"] = labels
-    out["pixel_values"] = torch.stack([torch.as_tensor(s["pixel_values"]) for s in batch]).float()
+    if has_types:
+        out["mm_token_type_ids"] = types
+    for key in MEDIA_KEYS:
+        items = [torch.as_tensor(s[key]) for s in batch if s.get(key) is not None]
+        if key == "pixel_values":
+            # one LLaVA image [3, H, W] is a list of one
+            items = [x[None] if x.dim() == 3 else x for x in items]
+        if items:
+            out[key] = torch.cat(items)
+            if key == "pixel_values":
+                out[key] = out[key].float()
     out["query_index"] = query
     return out
 
@@ -367,8 +647,15 @@ def prompt_only(sample: dict) -> dict:
     """A sample cut to its first prompt (everything up to and including ``query_index``: what the
     model sees before it generates the first answer) with ``answer``, the reference."""
     q = int(sample["query_index"])
-    return {"id": sample.get("id"), "input_ids": torch.as_tensor(sample["input_ids"])[:q + 1],
-            "pixel_values": sample["pixel_values"], "query_index": q, "answer": sample["answers"][0]}
+    out = {"id": sample.get("id"), "input_ids": torch.as_tensor(sample["input_ids"])[:q + 1]}
+    if "mm_token_type_ids" in sample:
+        types = torch.as_tensor(sample["mm_token_type_ids"])
+        if (types[q + 1:] > 0).any():
+            raise ValueError(f"sample: {sample.get('id')!r} has an image or video after its first answer; its "
+                             f"first prompt alone does not hold every visual input")
+        out["mm_token_type_ids"] = types[:q + 1]
+    out.update({key: sample[key] for key in MEDIA_KEYS if sample.get(key) is not None})
+    return {**out, "query_index": q, "answer": sample["answers"][0]}
 
 
 def collate_prompts(batch: Sequence[dict], pad_id: int) -> tuple[dict, list[str]]:

@@ -32,7 +32,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 class EpicModule(torch.nn.Module):
-    """Wraps the LLaVA model so the whole EPIC step runs inside ``forward`` (what DDP/FSDP hook)."""
+    """Wraps the model so the whole EPIC step runs inside ``forward`` (what DDP/FSDP hook)."""
 
     def __init__(self, model, method: str, method_options: dict):
         super().__init__()
@@ -49,19 +49,33 @@ class EpicModule(torch.nn.Module):
 
 def load_model(cfg: TrainConfig):
     from ..models import tiny
+    from .config import QWEN_PRESETS, model_presets
     dtype = getattr(torch, cfg.dtype)
     source = cfg.init_from or cfg.model
     if cfg.init_from is None and cfg.model in tiny.PRESETS:
         return tiny.build_tiny_llava(cfg.model, seed=cfg.seed, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    if cfg.init_from is None and cfg.model in QWEN_PRESETS:
+        from ..models.tiny_qwen import build_tiny_qwen
+        return build_tiny_qwen(QWEN_PRESETS[cfg.model], seed=cfg.seed, attn=cfg.attn_implementation, dtype=dtype)
     if not Path(source).is_dir():
-        raise ValueError(f"model: {source!r} is neither a preset ({sorted(tiny.PRESETS)}) nor a local folder")
-    from transformers import LlavaForConditionalGeneration
-    return LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                                                         local_files_only=True)
+        raise ValueError(f"model: {source!r} is neither a preset ({model_presets()}) nor a local folder")
+    # The family's ...ForConditionalGeneration (LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) by its model_type.
+    from ..models.loading import load_model as load_checkpoint
+    return load_checkpoint(source, dtype=dtype, attn_implementation=cfg.attn_implementation)
 
 
 def load_tokenizer(cfg: TrainConfig, model):
+    """The text side of training: LLaVA's tokenizer, or the processor of a Qwen-VL family (it
+    encodes text, images and videos together)."""
     from ..models import tiny
+    from ..models.loading import QWEN_VL_TYPES
+    from .config import QWEN_PRESETS
+    if model.config.model_type in QWEN_VL_TYPES:
+        if cfg.model in QWEN_PRESETS:
+            from ..models.tiny_qwen import tiny_qwen_processor
+            return tiny_qwen_processor(QWEN_PRESETS[cfg.model])
+        from ..models.loading import load_processor
+        return load_processor(cfg.model)
     if cfg.model in tiny.PRESETS:
         from .tokenizer import build_tokenizer
         return build_tokenizer(model.config.text_config.vocab_size)
@@ -70,7 +84,17 @@ def load_tokenizer(cfg: TrainConfig, model):
 
 
 def load_dataset(cfg: TrainConfig, tokenizer, model):
-    from .data import ClipImageProcessor, LlavaConversationDataset
+    from ..models.loading import QWEN_VL_TYPES
+    from .data import ClipImageProcessor, LlavaConversationDataset, ProcessorConversationDataset
+    if getattr(model.config, "model_type", "llava") in QWEN_VL_TYPES:
+        # tokenizer is the family's processor: it encodes text, images and videos together
+        if "synthetic" in cfg.data:
+            from . import synthetic
+            opts = dict(cfg.data["synthetic"])
+            records = synthetic.generate(int(opts.pop("n", 1024)), int(opts.pop("seed", 0)), **opts)
+            media = {r["image"]: im for r, im in zip(records, synthetic.render_images(records))}
+            return ProcessorConversationDataset(records, media, tokenizer, max_length=cfg.max_length)
+        return ProcessorConversationDataset(cfg.data["json"], cfg.data["images"], tokenizer, max_length=cfg.max_length)
     image_token_id = model.config.image_token_id
     # Images at the vision tower's own resolution (336 px for LLaVA-1.5's CLIP), as save_final's
     # processor will prepare them at inference.
@@ -151,7 +175,7 @@ class TrainResult:
 def _param_groups(model, cfg: TrainConfig):
     vision, rest = [], []
     for name, p in model.named_parameters():
-        (vision if ".vision_tower." in f".{name}" else rest).append(p)
+        (vision if ".vision_tower." in f".{name}" or ".visual." in f".{name}" else rest).append(p)
     if cfg.vision_lr == 0:
         for p in vision:
             p.requires_grad_(False)
@@ -192,7 +216,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, accelerator=None, log=print
     if (cfg.batch_size // cfg.grad_accum) % world:
         raise ValueError(f"batch_size: the micro-batch {cfg.batch_size // cfg.grad_accum} must divide evenly "
                          f"over {world} processes")
-    pad = partial(collate, pad_id=tokenizer.pad_token_id)
+    pad = partial(collate, pad_id=getattr(tokenizer, "tokenizer", tokenizer).pad_token_id)
     out_dir = Path(cfg.output_dir)
 
     start, history = 0, []
@@ -285,13 +309,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, accelerator=None, log=print
 def _save_final(model, tokenizer, folder: Path) -> None:
     """The trained model as a complete Hugging Face checkpoint, written atomically: weights
     (safetensors) and the processor training used (image processor, tokenizer, chat template),
-    so ``from_pretrained`` / ``AutoProcessor.from_pretrained`` / ``epic-ext infer`` load it."""
+    so ``from_pretrained`` / ``AutoProcessor.from_pretrained`` / ``epic-ext infer`` load it.
+    ``tokenizer``: LLaVA's tokenizer, or the processor itself (Qwen-VL)."""
+    from ..models.loading import QWEN_VL_TYPES
     from .data import llava_processor
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     try:
-        llava_processor(model.config, tokenizer, model.config.vision_config.image_size).save_pretrained(tmp)
+        if model.config.model_type in QWEN_VL_TYPES:
+            tokenizer.save_pretrained(tmp)
+        else:
+            llava_processor(model.config, tokenizer, model.config.vision_config.image_size).save_pretrained(tmp)
     except Exception as e:   # noqa: BLE001 - the weights must survive; say what is missing
         warnings.warn(f"final model: the processor could not be saved ({type(e).__name__}: {e}); {folder} holds "
                       f"the weights and the tokenizer only", RuntimeWarning, stacklevel=2)

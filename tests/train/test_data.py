@@ -440,3 +440,183 @@ def test_unknown_words_warn_with_their_fraction(tok, records, images):
         again = AutoTokenizer.from_pretrained(d)
     with pytest.warns(UserWarning, match="closed vocabulary"):
         LlavaConversationDataset(other, [images[0]], again, None, again.convert_tokens_to_ids("<image>"))
+
+
+# --------------------------------------------------------------------------- LLaVA-OneVision format
+
+def _ov(conv, **keys):
+    return {"id": "s", **keys, "conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": v}
+                                                 for i, v in enumerate(conv)]}
+
+
+def test_onevision_turns_place_every_image_and_video():
+    from epic_ext.train.data import media_turns
+    # one tag per image, in place (interleaved with the text), in any human turn
+    assert media_turns(_ov(["<image> left or <image> ?", "left", "and <image>?", "no"],
+                           image=["a.png", "b.png", "c.png"])) == [
+        ("USER", [("image", 0), ("text", "left or"), ("image", 1), ("text", "?")]), ("ASSISTANT", [("text", "left")]),
+        ("USER", [("text", "and"), ("image", 2), ("text", "?")]), ("ASSISTANT", [("text", "no")])]
+    # no tag: images, then the video, before the first human turn's text
+    assert media_turns(_ov(["what ?", "red", "sure ?", "yes"], image="a.png", video="clip"))[0] == \
+        ("USER", [("image", 0), ("video", 0), ("text", "what ?")])
+    # a video-only sample may mark its video with <image> (LLaVA-Video's data), or with <video>
+    for tag in ("<image>", "<video>"):
+        assert media_turns(_ov([f"{tag}\nwhat happens ?", "a dog runs"], video=["f1.png", "f2.png"]))[0] == \
+            ("USER", [("video", 0), ("text", "what happens ?")])
+    assert media_turns(_ov(["why ?", "because"])) == [("USER", [("text", "why ?")]),
+                                                      ("ASSISTANT", [("text", "because")])]
+
+
+@pytest.mark.parametrize("record,needle", [
+    (_ov(["<image> and <image> ?", "x"], image="a.png"), "2 <image> and 0 <video> tags for 1 image"),
+    (_ov(["<image> what ?", "x"]), "1 <image> and 0 <video> tags for 0 image"),
+    (_ov(["<image> what ?", "x"], image=["a.png", "b.png"]), "for 2 image"),
+    (_ov(["<video> what ?", "x"], image="a.png"), "<video>"),
+    (_ov(["what ?", "<image> x"], image="a.png"), "in an answer"),
+    (_ov(["what ?", "x"], image=[]), "'image' must be"),
+    (_ov(["what ?", "x"], image=3), "'image' must be"),
+    (_ov(["what ?", "x"], video=[1, 2]), "'video' must be"),
+    (_ov(["what ?"], image="a.png"), "nothing to supervise"),
+])
+def test_onevision_bad_records_raise(record, needle):
+    from epic_ext.train.data import media_turns
+    with pytest.raises(ValueError, match="json_path_or_records") as err:
+        media_turns(record)
+    assert needle in str(err.value)
+
+
+# --------------------------------------------------------------------------- Qwen-VL: the processor's encoding
+
+def _qwen_media():
+    from epic_ext.models import tiny_qwen as tq
+    g = np.random.default_rng(4)
+    frames = np.stack([tq.random_image(56, 56, g) for _ in range(3)])
+    return {"a.png": tq.random_image(56, 84, g), "b.png": tq.random_image(112, 84, g), "clip": frames,
+            "f1.png": frames[0], "f2.png": frames[1]}
+
+
+QWEN_RECORDS = [
+    _ov(["<image> what is this ? <image>", "a red dog", "and the sky ?", "blue"], image=["a.png", "b.png"]),
+    _ov(["<image>\nwhat is the man doing ?", "he is running"], video="clip", fps=1),
+    _ov(["what color is the sky ?", "blue"]),
+    _ov(["how many birds ?", "three"], image="b.png", video=["f1.png", "f2.png"]),
+]
+
+
+@pytest.fixture(scope="module")
+def qwen_ds():
+    pytest.importorskip("torchvision", reason="transformers' Qwen-VL processors need torchvision")
+    from epic_ext.models import tiny_qwen as tq
+    from epic_ext.train.data import ProcessorConversationDataset
+    return ProcessorConversationDataset(QWEN_RECORDS, _qwen_media(), tq.tiny_qwen_processor("qwen2_5_vl"))
+
+
+def test_qwen_samples_answer_only_labels(qwen_ds):
+    from epic_ext.models import tiny_qwen as tq
+    tok = qwen_ds.processor.tokenizer
+    for i, record in enumerate(QWEN_RECORDS):
+        s = qwen_ds[i]
+        ids, labels, q = s["input_ids"], s["labels"], s["query_index"]
+        sup = labels != IGNORE_INDEX
+        assert (labels[sup] == ids[sup]).all()
+        answers = [t["value"] for t in record["conversations"][1::2]]
+        # each answer and the <|im_end|> that closes it, nothing else (not the header, not the "\n")
+        expected = sum((tok(a, add_special_tokens=False)["input_ids"] + [tq.IM_END_ID] for a in answers), [])
+        assert labels[sup].tolist() == expected and s["answers"] == answers
+        # query_index: the generation prompt's last token ("<|im_start|>assistant"), before the first answer
+        assert q == sup.nonzero()[0].item() - 1 and ids[q - 1:q + 1].tolist() == qwen_ds.header_ids
+        # the prompt is what the chat template's generation prompt gives
+        assert (s["mm_token_type_ids"] > 0).sum() == (ids == tq.IMAGE_ID).sum() + (ids == tq.VIDEO_ID).sum()
+    assert "pixel_values" not in qwen_ds[2] and "pixel_values_videos" not in qwen_ds[0]
+    assert qwen_ds[3]["image_grid_thw"].shape == (1, 3) and qwen_ds[3]["video_grid_thw"].tolist() == [[1, 4, 4]]
+    assert qwen_ds[1]["second_per_grid_ts"].tolist() == [2.0]         # 2 frames a group at 1 fps
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_qwen_collate_rows_match_each_row_alone(qwen_ds, side):
+    """A mixed batch (two images, a video, text only, image + video) through the tiny
+    Qwen2.5-VL gives every row the logits it has alone: pixels, grids and mm_token_type_ids are
+    concatenated in row order, as the model consumes them."""
+    from epic_ext.models import tiny_qwen as tq
+    samples = [qwen_ds[i] for i in range(len(QWEN_RECORDS))]
+    batch = collate(samples, pad_id=tq.PAD_ID, padding_side=side)
+    assert batch["pixel_values"].shape[0] == sum(len(s["pixel_values"]) for s in samples if "pixel_values" in s)
+    assert batch["image_grid_thw"].shape == (3, 3) and batch["video_grid_thw"].shape == (2, 3)
+    assert batch["second_per_grid_ts"].shape == (2,)
+    model = tq.build_tiny_qwen("qwen2_5_vl", seed=2)
+    with torch.no_grad():
+        whole = model(**{k: v for k, v in batch.items() if k not in ("labels", "query_index")}).logits
+        for i, s in enumerate(samples):
+            alone = collate([s], pad_id=tq.PAD_ID)
+            ref = model(**{k: v for k, v in alone.items() if k not in ("labels", "query_index")}).logits[0]
+            real = batch["attention_mask"][i].bool()
+            torch.testing.assert_close(whole[i, real], ref, rtol=1e-4, atol=1e-4)
+            assert batch["input_ids"][i, batch["query_index"][i]] == s["input_ids"][s["query_index"]]
+            assert (batch["labels"][i][~real] == IGNORE_INDEX).all()
+            assert (batch["mm_token_type_ids"][i][~real] == 0).all()
+
+
+def test_qwen_media_from_a_folder(tmp_path, qwen_ds):
+    from PIL import Image
+
+    from epic_ext.train.data import ProcessorConversationDataset
+    media = _qwen_media()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(media[name]).save(tmp_path / name)
+    (tmp_path / "clip").mkdir()
+    for i, frame in zip((2, 10, 9), media["clip"]):           # natural order: 2, 9, 10
+        Image.fromarray(frame).save(tmp_path / "clip" / f"f{i}.png")
+    for i in (1, 2):
+        Image.fromarray(media["clip"][i - 1]).save(tmp_path / f"f{i}.png")
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(QWEN_RECORDS))
+    disk = ProcessorConversationDataset(str(path), str(tmp_path), qwen_ds.processor)
+    frames = disk.load_video("clip")
+    assert np.array_equal(frames, media["clip"][[0, 2, 1]])
+    for i in (0, 3):
+        a, b = disk[i], qwen_ds[i]
+        for key in ("input_ids", "labels", "pixel_values", "image_grid_thw", "pixel_values_videos"):
+            if key in b:
+                assert torch.equal(a[key], b[key]), key
+
+
+def test_qwen_bad_media_and_lengths_raise(tmp_path, qwen_ds):
+    from epic_ext.train.data import ProcessorConversationDataset
+    proc, media = qwen_ds.processor, _qwen_media()
+    missing = [_ov(["what ?", "x"], image="nope.png")]
+    with pytest.raises(ValueError, match=r"media: sample 's': 'nope.png' not found"):
+        ProcessorConversationDataset(missing, media, proc)
+    with pytest.raises(ValueError, match=r"media: sample 's': 'nope.png' not found"):
+        ProcessorConversationDataset(missing, str(tmp_path), proc)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="'empty' not found"):              # a video folder without frames
+        ProcessorConversationDataset([_ov(["what ?", "x"], video="empty")], str(tmp_path), proc)
+    with pytest.raises(ValueError, match="media: no such folder"):
+        ProcessorConversationDataset(QWEN_RECORDS, str(tmp_path / "none"), proc)
+    with pytest.raises(ValueError, match="media: expected"):
+        ProcessorConversationDataset(QWEN_RECORDS, [1, 2], proc)
+    with pytest.raises(ValueError, match="'fps' must be"):
+        ProcessorConversationDataset([_ov(["what ?", "x"], video="clip", fps=0)], media, proc)
+    with pytest.raises(ValueError, match="processor"):
+        ProcessorConversationDataset(QWEN_RECORDS, media, proc.tokenizer.backend_tokenizer)
+    # text-only data needs no media at all
+    assert len(ProcessorConversationDataset([QWEN_RECORDS[2]], None, proc)[0]["input_ids"]) > 0
+    with pytest.raises(ValueError, match="not found in the given media"):
+        ProcessorConversationDataset(QWEN_RECORDS, None, proc)
+    # truncation: text after the first answer may go; an image or the first answer may not
+    full = qwen_ds[0]
+    cut = ProcessorConversationDataset(QWEN_RECORDS[:1], media, proc, max_length=full["query_index"] + 3)[0]
+    assert torch.equal(cut["labels"], full["labels"][:full["query_index"] + 3])
+    assert len(cut["mm_token_type_ids"]) == len(cut["input_ids"]) == full["query_index"] + 3
+    with pytest.raises(ValueError, match="max_length: sample 's' needs"):
+        ProcessorConversationDataset(QWEN_RECORDS[:1], media, proc, max_length=full["query_index"])[0]
+
+
+def test_qwen_prompt_only(qwen_ds):
+    p = prompt_only(qwen_ds[3])
+    s = qwen_ds[3]
+    assert p["input_ids"].tolist() == s["input_ids"][:s["query_index"] + 1].tolist()
+    assert torch.equal(p["pixel_values"], s["pixel_values"]) and p["answer"] == "three"
+    later = {**qwen_ds[0], "mm_token_type_ids": torch.ones_like(qwen_ds[0]["mm_token_type_ids"])}
+    with pytest.raises(ValueError, match="after its first answer"):
+        prompt_only(later)
