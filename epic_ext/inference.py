@@ -79,7 +79,6 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: Opti
     return torch.multinomial(logits.softmax(-1), 1, generator=gen)
 
 
-@torch.no_grad()
 def _eos_ids(model, eos_token_id) -> list[int]:
     """The ids that end an answer: ``eos_token_id`` (an int or a list) when given, else the
     generation config's (Qwen lists two), else the text config's."""
@@ -93,6 +92,7 @@ def _eos_ids(model, eos_token_id) -> list[int]:
     return [int(e) for e in eos_token_id] if isinstance(eos_token_id, (list, tuple)) else [int(eos_token_id)]
 
 
+@torch.no_grad()
 def generate_timed(model, input_ids, pixel_values, attention_mask=None, *, media: Optional[dict] = None,
                    max_new_tokens: int = 16, do_sample: bool = False, temperature: float = 1.0,
                    top_k: Optional[int] = None, eos_token_id=None, seed: int = 0):

@@ -205,6 +205,24 @@ def test_report_kv_bytes_equal_the_cache(processors, method, keep, layer):
         assert [a + new * per_token for a in actual] == reports[b].kv_bytes_per_layer
 
 
+def test_generate_timed_takes_media_and_builds_no_graph():
+    from epic_ext.inference import generate_timed
+    model = build_tiny_qwen("qwen2_vl")
+    inputs, _ = handmade_inputs(model, [(2, 2)], (2, 2, 2))
+    media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+    apply(model, "dart", keep=2, layer=1)
+    try:
+        new, cache, _, _, steps = generate_timed(model, inputs["input_ids"], inputs["pixel_values"],
+                                                 inputs["attention_mask"], media=media, max_new_tokens=3,
+                                                 eos_token_id=-1)
+    finally:
+        revert(model)
+    assert new.shape == (1, 3) and steps == 2
+    # a timed loop under no_grad: no autograd graph held by the cache (memory, speed)
+    assert not cache.layers[0].keys.requires_grad and not cache.layers[-1].keys.requires_grad
+    assert cache.layers[-1].keys.shape[2] == inputs["input_ids"].shape[1] - 12 + 6 + 2
+
+
 def test_infer_rejects_inputs_without_visual_inputs():
     model = build_tiny_qwen("qwen2_vl")
     inputs, _ = handmade_inputs(model, [(2, 2)])
