@@ -322,8 +322,9 @@ def group_requests(images: list, videos: list, prompts: list) -> list[tuple[str,
             return list(items)
         if len(items) == 1:
             return list(items) * n
+        hint = " (a comma list for several images of a prompt)" if what == "image groups" else ""
         raise ValueError(f"{option} / --prompt: got {len(items)} {what} and {n} prompts; give one per prompt, or "
-                         f"one for all prompts{' (a comma list for several images of a prompt)' if what == 'image groups' else ''}")
+                         f"one for all prompts{hint}")
 
     per_images = spread(groups, "image groups", "--image")
     per_video = spread(list(videos), "videos", "--video")
@@ -466,7 +467,8 @@ def qwen_inputs(processor, requests: list, *, fps: float):
         if video is not None:
             frames = np.stack([np.asarray(rgb(f)) for f in video_frames(video)])
             videos.append(frames)
-            metadata.append(VideoMetadata(total_num_frames=len(frames), fps=fps, frames_indices=list(range(len(frames)))))
+            metadata.append(VideoMetadata(total_num_frames=len(frames), fps=fps,
+                                          frames_indices=list(range(len(frames)))))
             content.append({"type": "video"})
         content.append({"type": "text", "text": prompt})
         texts.append(processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,

@@ -51,7 +51,8 @@ def handmade_inputs(model, images, video=None, text_words=7, seed=0):
     dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
     out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
            "mm_token_type_ids": torch.tensor([types])}
-    for key, px_key, gr in (("image_grid_thw", "pixel_values", grids), ("video_grid_thw", "pixel_values_videos", vgrids)):
+    for key, px_key, gr in (("image_grid_thw", "pixel_values", grids),
+                            ("video_grid_thw", "pixel_values_videos", vgrids)):
         if gr:
             out[key] = torch.tensor(gr)
             out[px_key] = torch.randn(int(out[key].prod(-1).sum()), dim, generator=g)
