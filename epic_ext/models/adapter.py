@@ -74,6 +74,20 @@ class Adapter:
     def embed(self, model, prompt: Prompt, red):
         raise NotImplementedError
 
+    def text_sequence(self, model, prompt: Prompt):
+        """The prompt's token embeddings as a :class:`Sequence` (every row its own origin), the
+        start of every family's ``embed``."""
+        import torch
+
+        from .decoder import Sequence
+        emb = prompt.inputs_embeds
+        if emb is None:
+            emb = model.model.get_input_embeddings()(prompt.input_ids)
+        b, length = emb.shape[:2]
+        kept = torch.arange(length, device=emb.device)[None].expand(b, -1)
+        return Sequence(hidden=emb, mask=prompt.attention_mask, pos=prompt.position_ids, kept=kept,
+                        query_index=prompt.query_index)
+
     def placeholder_ids(self, model) -> dict[str, int]:
         """Token id of each visual kind's placeholder, e.g. {"image": id}."""
         raise NotImplementedError

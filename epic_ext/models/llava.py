@@ -72,14 +72,10 @@ class LlavaAdapter(Adapter):
         """Token + image embeddings of a prompt (a vision method already applied: each image
         replaced by its slots, positions renumbered as the methods' own code does)."""
         cfg = model.config
-        emb = prompt.inputs_embeds
-        if emb is None:
-            emb = model.model.get_input_embeddings()(prompt.input_ids)
+        seq = self.text_sequence(model, prompt)
+        emb = seq.hidden
         b, length, d = emb.shape
         device = emb.device
-        kept = torch.arange(length, device=device)[None].expand(b, -1)
-        seq = Sequence(hidden=emb, mask=prompt.attention_mask, pos=prompt.position_ids, kept=kept,
-                       query_index=prompt.query_index)
         pixel_values = prompt.media.get("pixel_values")
         if pixel_values is None:
             return seq

@@ -96,6 +96,10 @@ class QwenVLAdapter(Adapter):
             return [], []
         if grid is None:
             raise ValueError(f"{kind}_grid_thw: needed with the {kind} pixels")
+        patches = int(grid.prod(-1).sum())
+        if pixels.shape[0] != patches:
+            key = "pixel_values" if kind == "image" else "pixel_values_videos"
+            raise ValueError(f"{key}: {pixels.shape[0]} patches, but {kind}_grid_thw describes {patches}")
         fn = model.model.get_image_features if kind == "image" else model.model.get_video_features
         out = fn(pixels, grid, return_dict=True)
         feats = list(out.pooler_output)
@@ -114,7 +118,10 @@ class QwenVLAdapter(Adapter):
         kwargs = dict(mm_token_type_ids=types, image_grid_thw=media.get("image_grid_thw"),
                       video_grid_thw=media.get("video_grid_thw"), attention_mask=prompt.attention_mask[:, -ids.shape[1]:])
         if "second_per_grid_ts" in names:
-            kwargs["second_per_grid_ts"] = media.get("second_per_grid_ts")
+            ts, videos = media.get("second_per_grid_ts"), media.get("video_grid_thw")
+            if ts is not None and videos is not None and len(ts) != len(videos):
+                raise ValueError(f"second_per_grid_ts: one value per video expected ({len(videos)}), got {len(ts)}")
+            kwargs["second_per_grid_ts"] = ts
         pos, _ = fn(ids, **{k: v for k, v in kwargs.items() if k in names})
         return pos
 
@@ -135,7 +142,7 @@ class QwenVLAdapter(Adapter):
             return replace(seq, rope_pos=rope)
 
         spans = locate_units(prompt.input_ids, self.units(model, prompt.media), self.placeholder_ids(model),
-                             "image_grid_thw", prompt.attention_mask)
+                             {"image": "image_grid_thw", "video": "video_grid_thw"}, prompt.attention_mask)
         per_kind = {kind: self._features(model, prompt.media, kind) for kind in ("image", "video")}
         feats, deep = [], None
         n_deep = max(len(per_kind["image"][1]), len(per_kind["video"][1]))
