@@ -75,13 +75,14 @@ class Spans:
 
 
 def locate_units(input_ids: Tensor, units: list[tuple[str, int, tuple[int, int]]], token_ids: dict[str, int],
-                 argument: str, attention_mask: Optional[Tensor] = None) -> Spans:
+                 argument: str | dict[str, str], attention_mask: Optional[Tensor] = None) -> Spans:
     """Find each unit of ``units`` (kind, media number, (h, w)), in prompt order, in
     ``input_ids``: units are matched to the runs of their kind's placeholder token, row by row;
     a run longer than a unit holds several consecutive units (LLaVA's adjacent images, a video's
     frame groups). Reads the placeholder layout (and ``attention_mask``, whose padding a rebuild then
     drops) back to the host once. Raises ValueError naming
-    ``argument`` when the placeholders and the units disagree."""
+    ``argument`` (or ``argument[kind]``, the input that describes that kind) when the placeholders
+    and the units disagree."""
     ids = input_ids.detach().cpu()
     b = ids.shape[0]
     kinds = sorted(token_ids)
@@ -90,6 +91,7 @@ def locate_units(input_ids: Tensor, units: list[tuple[str, int, tuple[int, int]]
     rows, starts, grids, kind_l, media, frames = [], [], [], [], [], []
     frame_of: dict[tuple[str, int], int] = {}
     found = []
+    name = {k: argument[k] if isinstance(argument, dict) else argument for k in kinds}
     for r in range(b):
         for k in kinds:
             is_k = ids[r] == token_ids[k]
@@ -102,12 +104,12 @@ def locate_units(input_ids: Tensor, units: list[tuple[str, int, tuple[int, int]]
                 at, left = int(pos[a]), e - a
                 while left > 0:
                     if taken[k] >= len(pending[k]):
-                        raise ValueError(f"{argument}: input_ids hold more {k} placeholder tokens than the "
+                        raise ValueError(f"{name[k]}: input_ids hold more {k} placeholder tokens than the "
                                          f"{k}s given describe (row {r})")
                     _, m, (h, w) = pending[k][taken[k]]
                     n = h * w
                     if n > left:
-                        raise ValueError(f"{argument}: {k} {m} needs {n} placeholder tokens ({h}x{w}) but row {r} "
+                        raise ValueError(f"{name[k]}: {k} {m} needs {n} placeholder tokens ({h}x{w}) but row {r} "
                                          f"has a run of {left} at position {at}")
                     found.append((r, at, (h, w), k, m))
                     taken[k] += 1
@@ -115,7 +117,7 @@ def locate_units(input_ids: Tensor, units: list[tuple[str, int, tuple[int, int]]
                     left -= n
     for k in kinds:
         if taken[k] != len(pending[k]):
-            raise ValueError(f"{argument}: {len(pending[k])} {k} units given but input_ids hold placeholders "
+            raise ValueError(f"{name[k]}: {len(pending[k])} {k} units given but input_ids hold placeholders "
                              f"for {taken[k]}")
     found.sort(key=lambda u: (u[0], u[1]))
     for r, at, g, k, m in found:

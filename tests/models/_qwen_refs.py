@@ -223,14 +223,16 @@ def fastv_reference(attn: torch.Tensor, batch: dict, keep) -> list[list[list[int
 
 @torch.no_grad()
 def dart_reference(hidden: torch.Tensor, keys: torch.Tensor, final_norm, batch: dict, keep, *,
-                   pivot_image: int = 4, pivot_text: int = 4) -> list[list[list[int]]]:
+                   pivot_image: int = 4, pivot_text: int = 4, other_units_are_text: bool = False
+                   ) -> list[list[list[int]]]:
     """DART (Wen et al. 2025) as the epic_ext docstring reads it on Qwen: per unit, image pivots
     = the ``pivot_image`` unit tokens of largest key L1 norm (layer K-1's post-RoPE keys, heads
     concatenated); text pivots = the ``pivot_text`` largest-norm real non-visual prompt tokens
     after the unit up to the last prompt token; then each pivot in turn (image pivots by
     position, then text pivots by position) takes its quota of the not-yet-kept unit tokens least
     cosine-similar to it (final_norm(hidden), fp32), quotas = (budget - image pivots) split evenly,
-    the first pivots taking the remainder."""
+    the first pivots taking the remainder. ``other_units_are_text``: the published single-image
+    reading (every token after the unit is a candidate), for a test to tell the two apart."""
     mask = batch["attention_mask"].bool()
     layout = unit_layout(batch)
     out = []
@@ -253,7 +255,8 @@ def dart_reference(hidden: torch.Tensor, keys: torch.Tensor, final_norm, batch: 
             if budget == p_img:
                 kept_row.append(img_piv)
                 continue
-            cands = [t for t in range(start + n, q + 1) if bool(mask[r, t]) and t not in visual]
+            cands = [t for t in range(start + n, q + 1)
+                     if bool(mask[r, t]) and (other_units_are_text or t not in visual)]
             txt_piv = sorted(sorted(cands, key=lambda t: (-float(knorm[t]), t))[:pivot_text])
             pivots = [normed[start + i] for i in img_piv] + [normed[t] for t in txt_piv]
             picks = budget - p_img

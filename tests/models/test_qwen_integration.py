@@ -190,21 +190,35 @@ def test_fastv_matches_eager_attention_reference(family, layer, keep):
         out = model(**b)
     for i in range(N_ROWS):
         assert refs.kept_per_unit(out, b, i) == expected[i], i
+    # the query row matters: EffiVLM's default (the mean over every query row) selects otherwise
+    assert expected != refs.fastv_reference(attn.mean(2, keepdim=True).expand_as(attn), b, keep)
 
 
-@pytest.mark.parametrize("layer,keep", [(2, 0.5), (1, 7)])
+DART_CASES = [dict(keep=0.75, layer=2), dict(keep=0.5, layer=2, pivot_image=1, pivot_text=3),
+              dict(keep=0.5, layer=1, pivot_image=2, pivot_text=2), dict(keep=7, layer=1)]
+
+
+@pytest.mark.parametrize("opts", DART_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_dart_matches_per_unit_reference(family, layer, keep):
+def test_dart_matches_per_unit_reference(family, opts):
     model, b = model_of(family), batch_of(family)
+    opts = dict(opts)
+    keep, layer = opts.pop("keep"), opts.pop("layer")
     if keep == 7:     # an int budget must fit every unit: the batch's smallest holds 4 tokens
         b = refs.synthetic_batch(family, [r for r in refs.rows_with_text(N_ROWS) if
                                           all(h * w >= 7 for h, w in r["images"]) and not r["video"]], seed=2)
     hidden, keys = refs.stock_layer_inputs(model, b, layer)
-    expected = refs.dart_reference(hidden, keys, model.model.language_model.norm, b, keep)
-    with applied(model, "dart", keep=keep, layer=layer), torch.no_grad():
+    norm = model.model.language_model.norm
+    expected = refs.dart_reference(hidden, keys, norm, b, keep, **opts)
+    with applied(model, "dart", keep=keep, layer=layer, **opts), torch.no_grad():
         out = model(**b)
     for i in range(b["input_ids"].shape[0]):
         assert refs.kept_per_unit(out, b, i) == expected[i], i
+    if opts.get("pivot_text") == 3:
+        # this case tells the readings apart: text pivots matter, and so does excluding the other
+        # units of a row from a unit's text candidates
+        assert expected != refs.dart_reference(hidden, keys, norm, b, keep, pivot_image=1, pivot_text=0)
+        assert expected != refs.dart_reference(hidden, keys, norm, b, keep, other_units_are_text=True, **opts)
 
 
 @pytest.mark.parametrize("layer,keep", [(0, 0.25), (2, 4)])
@@ -313,19 +327,24 @@ def test_decode_tokens_get_the_unreduced_rope_positions(family):
             ref_logits = model(input_ids=nxt, attention_mask=mask2, past_key_values=stock.past_key_values,
                                position_ids=expect, use_cache=True).logits
         assert torch.equal(spy.calls[-1][-3:], expect)
-        with applied(model, "none", layer=2):
-            full = model(**b, use_cache=True)
-            with _RotarySpy(model) as spy:
-                # no position_ids: the reduced forward derives them (text position + rope delta)
-                step = model(input_ids=nxt, attention_mask=mask2, past_key_values=full.past_key_values,
-                             use_cache=True)
-            assert torch.equal(spy.calls[-1][-3:], expect)
-            torch.testing.assert_close(step.logits, ref_logits, atol=ATOL, rtol=RTOL)
-        with applied(model, "dart", keep=0.25, layer=2):
-            red = model(**b, use_cache=True)
-            with _RotarySpy(model) as spy:
-                model(input_ids=nxt, attention_mask=mask2, past_key_values=red.past_key_values, use_cache=True)
-            assert torch.equal(spy.calls[-1][-3:], expect)
+        with _RotarySpy(model) as spy:
+            model.generate(**b, max_new_tokens=2, do_sample=False)
+        stock_decode = [c for c in spy.calls if c.shape[-1] == 1][0][-3:]
+        assert torch.equal(stock_decode, expect)
+        for method, opts in [("none", dict(layer=2)), ("dart", dict(keep=0.25, layer=2)),
+                             ("pooling", dict(keep=0.25, layer=0))]:
+            with applied(model, method, **opts):
+                prefill = model(**b, use_cache=True)
+                with _RotarySpy(model) as spy:
+                    # no position_ids: the reduced forward derives them (text position + rope delta)
+                    step = model(input_ids=nxt, attention_mask=mask2, past_key_values=prefill.past_key_values,
+                                 use_cache=True)
+                assert torch.equal(spy.calls[-1][-3:], expect), method
+                if method == "none":
+                    torch.testing.assert_close(step.logits, ref_logits, atol=ATOL, rtol=RTOL)
+                with _RotarySpy(model) as spy:
+                    model.generate(**b, max_new_tokens=2, do_sample=False)     # generate's own positions
+                assert torch.equal([c for c in spy.calls if c.shape[-1] == 1][0][-3:], expect), method
 
 
 # --------------------------------------------------------------------------- 6. DeepStack
@@ -382,10 +401,18 @@ def test_bad_input_raises_naming_the_argument(family):
             grid[0, 1] += 1                                      # not a multiple of the 2x2 merger
             with pytest.raises(ValueError, match=r"^image_grid_thw"):
                 model(**{**b, "image_grid_thw": grid})
-            vgrid = b["video_grid_thw"].clone()
-            vgrid[0, 0] += 1                                     # a frame group without placeholders
-            with pytest.raises(ValueError, match=r"^image_grid_thw|^video_grid_thw"):
-                model(**{**b, "video_grid_thw": vgrid})
+            for axis in (0, 2):             # a frame group without placeholders; a wider frame
+                vgrid = b["video_grid_thw"].clone()
+                vgrid[0, axis] += 2
+                with pytest.raises(ValueError, match=r"^video_grid_thw"):
+                    model(**{**b, "video_grid_thw": vgrid})
+            # pixels that do not cover the grids: a clear error, not an IndexError in the tower
+            for key in ("pixel_values", "pixel_values_videos"):
+                with pytest.raises(ValueError, match=f"^{key}"):
+                    model(**{**b, key: b[key][:-4]})
+            if family == "qwen2_5_vl":
+                with pytest.raises(ValueError, match=r"^second_per_grid_ts"):
+                    model(**{**b, "second_per_grid_ts": b["second_per_grid_ts"][:1]})
     with pytest.raises(ValueError, match=r"^model"):
         apply(model, "visionzip", keep=4)
     assert "_epic" not in model.__dict__
