@@ -187,3 +187,20 @@ def test_trains_a_local_checkpoint_folder(data_dir, tmp_path, family):
     assert saved["model_type"] == family
     assert (tmp_path / "out" / "final" / "processor_config.json").exists() or \
         (tmp_path / "out" / "final" / "preprocessor_config.json").exists()
+
+
+def test_presets_and_synthetic_data():
+    """The Qwen presets validate (an unknown model's error lists them); the synthetic task's
+    single-image records go through the processor path too."""
+    from types import SimpleNamespace
+
+    from epic_ext.train.config import TrainConfig
+    from epic_ext.train.trainer import load_dataset
+    with pytest.raises(ValueError, match=r"^model: .*tiny-qwen2\.5-vl"):
+        TrainConfig.from_dict({"model": "tiny-qwen9"})
+    cfg = TrainConfig.from_dict({"model": "tiny-qwen2.5-vl", "data": {"synthetic": {"n": 2, "seed": 0}}})
+    ds = load_dataset(cfg, tq.tiny_qwen_processor(FAMILY), SimpleNamespace(config=SimpleNamespace(model_type=FAMILY)))
+    s = ds[1]
+    assert s["image_grid_thw"].shape == (1, 3) and (s["input_ids"] == tq.IMAGE_ID).sum() == \
+        s["image_grid_thw"].prod() // 4
+    assert (s["labels"] != -100).sum() >= 2
