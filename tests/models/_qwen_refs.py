@@ -6,11 +6,12 @@ Everything here works one row, one unit, one token at a time where that is clear
 not matter (tiny models, a few dozen visual tokens).
 
 Why a processor-free builder: transformers 5.23 cannot construct a Qwen-VL processor without
-torchvision, which neither this machine nor CI has. The builder writes what the processor
-writes (Qwen's chat layout, ``<|vision_start|>`` / ``<|vision_end|>`` around each image and
-video, Qwen3-VL's ``<t seconds>`` before each video frame group, ``mm_token_type_ids``,
-Qwen2.5-VL's ``second_per_grid_ts``), with random pixel patches of the right shape, so the
-tests run everywhere; ``tiny_qwen.row_inputs`` slices its batches like the processor's.
+torchvision, and sizes in merged tokens make the units' grids explicit. The builder writes what
+the processor writes (Qwen's chat layout, ``<|vision_start|>`` / ``<|vision_end|>`` around each
+image and video, Qwen3-VL's ``<t seconds>`` before each video frame group, ``mm_token_type_ids``,
+Qwen2.5-VL's ``second_per_grid_ts``), with random pixel patches of the right shape;
+``test_synthetic_inputs_are_the_processors`` checks that against the real processor where
+torchvision is installed, and ``tiny_qwen.row_inputs`` slices its batches like the processor's.
 """
 from __future__ import annotations
 
@@ -90,6 +91,22 @@ def synthetic_batch(family: str, rows: list[dict], *, seed: int = 0, fps: float 
         out["video_grid_thw"] = grid
         if family == "qwen2_5_vl":
             out["second_per_grid_ts"] = torch.full((len(video_grids),), 2.0 / fps)
+    return out
+
+
+def rows_of_processor_batch(batch, rows: list[dict]) -> list[dict]:
+    """``rows`` (``tq.random_qwen_rows``: sizes in pixels) in this module's token units, read
+    from the grids the processor chose, so that ``synthetic_batch`` can be compared with it."""
+    images = iter((batch["image_grid_thw"][:, 1:] // 2).tolist()) if "image_grid_thw" in batch else iter(())
+    videos = iter(batch["video_grid_thw"].tolist()) if "video_grid_thw" in batch else iter(())
+    out = []
+    for row in rows:
+        ims = [tuple(next(images)) for _ in row.get("images", [])]
+        video = None
+        if row.get("video") is not None:
+            t, h, w = next(videos)
+            video = (t, h // 2, w // 2)
+        out.append(dict(images=ims, video=video, text=row.get("text", "")))
     return out
 
 

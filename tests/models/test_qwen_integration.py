@@ -5,8 +5,8 @@ against a slow reference of its published semantics (tests/models/_qwen_refs.py)
 positions of kept tokens and of decode tokens, DeepStack injections that follow the kept
 tokens, and bad input.
 
-Inputs are built without the Qwen-VL processor (transformers 5.23 needs torchvision for it; see
-_qwen_refs.py), in the processor's layout."""
+Inputs are built without the Qwen-VL processor, in its exact layout (see _qwen_refs.py; checked
+against the processor where torchvision is installed), so the tests run without torchvision."""
 from __future__ import annotations
 
 import contextlib
@@ -69,6 +69,42 @@ def applied(model, method, **opts):
 
 def row_alone(batch, i):
     return tq.row_inputs(batch, i)
+
+
+@functools.lru_cache(maxsize=None)
+def processor_batch(family):
+    pytest.importorskip("torchvision", reason="transformers' Qwen-VL processors need torchvision")
+    return tq.qwen_batch(tq.tiny_qwen_processor(family), tq.random_qwen_rows(5), seed=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_synthetic_inputs_are_the_processors(family):
+    # The builder writes what the real processor writes (ids, masks, types, grids, video timing);
+    # only the pixel values differ (random patches of the same shape).
+    real = processor_batch(family)
+    synthetic = refs.synthetic_batch(family, refs.rows_of_processor_batch(real, tq.random_qwen_rows(5)))
+    assert sorted(real.keys()) == sorted(synthetic)
+    for key in real:
+        if key.startswith("pixel_values"):
+            assert real[key].shape == synthetic[key].shape, key
+        else:
+            assert torch.equal(real[key], synthetic[key]), key
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_processor_batch_rows_match_rows_alone(family):
+    # Real processor pixels (normalised images rather than random patches) through DART.
+    model, b = model_of(family), dict(processor_batch(family))
+    mask = b["attention_mask"].bool()
+    with applied(model, "dart", keep=0.5, layer=2), torch.no_grad():
+        out = model(**b)
+        for i in range(b["input_ids"].shape[0]):
+            alone = model(**row_alone(b, i))
+            rows = out.kept_mask[i]
+            torch.testing.assert_close(out.logits[i, rows], alone.logits[0], atol=ATOL, rtol=RTOL, msg=f"row {i}")
+            kept = out.kept_index[i, rows]
+            pad = int((~mask[i]).sum())
+            assert torch.equal(torch.where(kept >= 0, kept - pad, -1), alone.kept_index[0]), i
 
 
 # --------------------------------------------------------------------------- 1. identity
@@ -297,8 +333,8 @@ def test_kept_tokens_keep_their_mrope_positions(family, method, opts):
         assert torch.equal(after[axis][valid], expect[valid]), axis
 
 
-@pytest.mark.parametrize("method,opts", [("dart", dict(keep=0.5, layer=2)), ("random", dict(keep=0.5, layer=0, seed=1))],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize("method,opts", [("dart", dict(keep=0.5, layer=2)),
+                                         ("random", dict(keep=0.5, layer=0, seed=1))], ids=lambda v: str(v))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reduced_forward_equals_stock_layers_on_kept_tokens(family, method, opts):
     # The stock decoder layers run by hand on the kept tokens with their stock 3-D positions
