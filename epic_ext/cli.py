@@ -419,9 +419,10 @@ def _check_method(args: argparse.Namespace, options: dict, keep, llava_config, c
     depth = llava_config.text_config.num_hidden_layers
     if spec.stage == "vision" and "layer" in options and not spec.has_option("layer"):
         raise ValueError(f"--layer: {spec.name} reduces before the projector and has no layer")
-    if spec.stage == "vision" and getattr(llava_config, "model_type", None) in QWEN_VL_TYPES:
+    if spec.stage == "vision" and not spec.no_cls and getattr(llava_config, "model_type", None) in QWEN_VL_TYPES:
         raise ValueError(f"--method {spec.name}: ranks vision-encoder tokens against a [CLS] token, which the "
-                         f"Qwen-VL encoder does not have; use an in-LLM method (dart, fastv, random, pooling)")
+                         f"Qwen-VL encoder does not have; use visionzip or an in-LLM method (dart, fastv, random, "
+                         f"pooling)")
     if spec.stage == "llm" and args.layer is not None and not 0 <= args.layer < depth:
         raise ValueError(f"--layer: a decoder layer in [0, {depth - 1}] (the model has {depth}), "
                          f"got {args.layer}")

@@ -300,7 +300,7 @@ def test_cli_round_trip_two_images_and_a_video(saved, capsys):
     (["--video", "{d}/frames", "--video", "{d}/frames", "--prompt", "x", "--prompt", "y", "--prompt", "z"],
      r"--video / --prompt: got 2 videos and 3 prompts"),
     (["--prompt", "x"], r"a checkpoint needs an image file or a video"),
-    (["--image", "{d}/a.png", "--method", "visionzip"], r"--method visionzip: .*Qwen-VL encoder"),
+    (["--image", "{d}/a.png", "--method", "prumerge"], r"--method prumerge: .*Qwen-VL encoder"),
 ])
 def test_cli_mistakes_are_one_line(saved, capsys, args, pattern):
     import re

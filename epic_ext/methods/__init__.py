@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 from .base import (LLMContext, LLMMethodConfig, LLMSelection, MethodConfig, VisionContext,
-                   VisionReduction)
+                   VisionReduction, VisionUnitsContext)
 
 _REGISTRY: dict[str, "MethodSpec"] = {}
 _LOADED = False
@@ -27,6 +27,7 @@ class MethodSpec:
     stage: str                 # "vision" (before the projector) or "llm" (before decoder layer K)
     config_cls: type
     fn: Callable
+    no_cls: bool = False       # a vision method that also takes a VisionUnitsContext (encoders without [CLS])
 
     def has_option(self, name: str) -> bool:
         return any(f.name == name for f in fields(self.config_cls))
@@ -43,12 +44,14 @@ class MethodSpec:
         return cfg
 
 
-def register_method(name: str, stage: str, config_cls: type):
+def register_method(name: str, stage: str, config_cls: type, *, no_cls: bool = False):
+    """Register ``fn(context, cfg)`` as method ``name``. ``no_cls``: a vision method whose ``fn``
+    also ranks a :class:`VisionUnitsContext` (an encoder without [CLS], e.g. Qwen-VL's)."""
     if stage not in ("vision", "llm"):
         raise ValueError(f"stage must be 'vision' or 'llm', got {stage!r}")
 
     def deco(fn):
-        _REGISTRY[name] = MethodSpec(name, stage, config_cls, fn)
+        _REGISTRY[name] = MethodSpec(name, stage, config_cls, fn, no_cls=no_cls)
         return fn
     return deco
 
@@ -81,4 +84,4 @@ def get_method(name: str) -> MethodSpec:
 
 
 __all__ = ["LLMContext", "LLMMethodConfig", "LLMSelection", "MethodConfig", "MethodSpec",
-           "VisionContext", "VisionReduction", "available_methods", "get_method", "register_method"]
+           "VisionContext", "VisionReduction", "VisionUnitsContext", "available_methods", "get_method", "register_method"]

@@ -82,6 +82,26 @@ class VisionContext:
 
 
 @dataclass
+class VisionUnitsContext:
+    """What a vision-side method sees on an encoder without a [CLS] token (Qwen-VL), for a group
+    of S visual units of one grid (images, or video frame groups), after the patch merger. The
+    [CLS] stand-in of every published Qwen port: the attention each merged token *receives* in
+    the ranking vision layer (full attention over its unit: mean over heads, summed over the
+    unit's queries, averaged over the m x m patches the merger joins). The method returns an
+    :class:`LLMSelection` of positions inside each unit (optionally with replacement hidden
+    states, e.g. merged tokens), applied before the LLM with every token's original position."""
+    features: Tensor                 # [S, N, D] merged embeddings (the LLM's input), raster order
+    received: Tensor                 # [S, N] fp32 attention received in the ranking layer
+    keys: Tensor                     # [S, N, dk] fp32 that layer's keys, mean over heads and merged patches
+    grid: tuple[int, int]            # (h, w) merged-token grid of the units
+    kind: str = "image"              # "image" or "video" (a frame group)
+
+    @property
+    def num_units(self) -> int:
+        return int(self.features.shape[0])
+
+
+@dataclass
 class VisionReduction:
     features: Tensor                 # [B, S, Dv] pre-projector features of the S slots, in sequence order
     valid: Optional[Tensor] = None   # [B, S] bool; invalid slots are masked out of the LLM (None: all valid)

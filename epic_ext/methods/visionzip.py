@@ -20,6 +20,18 @@ ties: the first target). Reading of the published formula (``counts = assign.sum
 is target + mean(assigned), i.e. the target's own features are NOT averaged in, and a target
 with nothing assigned is output unchanged. Output order: the targets' order (ascending index).
 
+Encoders without [CLS] (Qwen2-VL / 2.5-VL / 3-VL, a ``VisionUnitsContext`` per group of
+images or video frame groups): as VisionZip's own Qwen2.5-VL code, tokens are the merged (LLM
+input) tokens, ranked by the attention each receives in the ranking vision block (mean over
+heads, summed over queries, averaged over the merged 2x2 patches); the contextual targets and
+assignment (the same rule as above, with that block's keys averaged alike) merge embeddings
+after the merger; every kept token, a merged one in its target's slot, keeps its original
+M-RoPE position. Readings: the published code pools one budget over all visual tokens of a
+prompt (and handles one image only); here each image and each video frame group is reduced on
+its own budget. Its defaults are ratios, dominant = int(0.45 N) and contextual =
+max(int(0.05 N), 1) per unit; ``keep`` is split 54:10 as on LLaVA (EffiVLM-Bench's Qwen2-VL
+port does the same).
+
 Budget: dominant=54, contextual=10 by default (64 tokens in all). ``keep`` (a count, or a ratio
 of N) sets the total with the published 54:10 split scaled: contextual = floor(keep * 10 / 64 +
 1/2), dominant = keep - contextual; this reproduces the paper's 54+10, 108+20 and 162+30 for
@@ -38,7 +50,7 @@ from torch import Tensor
 
 from .. import ops
 from . import register_method
-from .base import MethodConfig, VisionContext, VisionReduction, take_rows
+from .base import LLMSelection, MethodConfig, VisionContext, VisionReduction, VisionUnitsContext, take_rows
 from .trim import check_keep, resolve_keep
 
 DEFAULT_DOMINANT, DEFAULT_CONTEXTUAL = 54, 10
@@ -112,8 +124,7 @@ def cls_attention_heads_summed(ctx: VisionContext, layer: int) -> tuple[Tensor, 
 
 def visionzip_select(ctx: VisionContext, cfg: VisionZipConfig) -> VisionZipResult:
     x = ctx.features
-    b, n, d = x.shape
-    dev = x.device
+    n = x.shape[1]
     dom, n_ctx = cfg.split(n)
     layer = ctx.feature_layer - 1
     if layer < 0:
@@ -125,19 +136,29 @@ def visionzip_select(ctx: VisionContext, cfg: VisionZipConfig) -> VisionZipResul
     dom_tokens, dom_idx = comp.tokens, comp.indices
     cls = ctx.hidden_states[ctx.feature_layer][:, :1].to(x.dtype)
 
-    # Remaining patches in ascending order: sort keys push the dominant ones past N.
+    t_idx, assign, contextual = merge_contextual(x, metric, dom_idx, n_ctx)
+    out = torch.cat([cls, dom_tokens, contextual], dim=1)
+    return VisionZipResult(out, dom_idx, t_idx, assign, scores)
+
+
+def merge_contextual(x: Tensor, metric: Tensor, dom_idx: Tensor, n_ctx: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The contextual tokens of the tokens ``x`` [B, N, D] outside ``dom_idx`` [B, K]: (target
+    indices [B, C] ascending, each other token's target slot [B, M - C], target + mean of its
+    assigned tokens [B, C, D]), assignment by cosine similarity of ``metric`` [B, N, dk]."""
+    b, n, d = x.shape
+    dev = x.device
+    # Remaining tokens in ascending order: sort keys push the dominant ones past N.
     pos = torch.arange(n, device=dev)
     is_dom = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
     is_dom.scatter_(1, dom_idx, True)
     is_dom = is_dom[:, :n]
-    m = n - (dom - 1)
+    m = n - dom_idx.shape[1]
     rest = torch.sort(torch.where(is_dom, pos + n, pos), dim=1).values[:, :m]
 
     n_ctx = min(n_ctx, m)
     if n_ctx == 0:
         empty = torch.zeros(b, 0, dtype=torch.int64, device=dev)
-        return VisionZipResult(torch.cat([cls, dom_tokens], dim=1), dom_idx, empty,
-                               empty, scores)
+        return empty, empty, x.new_zeros(b, 0, d)
     step = max(1, m // n_ctx)
     tpos = torch.arange(0, m, step, device=dev)[:n_ctx]
     # The other positions, ascending, without a boolean index (that would sync): sort keys
@@ -159,10 +180,44 @@ def visionzip_select(ctx: VisionContext, cfg: VisionZipConfig) -> VisionZipResul
     cnt = torch.zeros(b, n_ctx, dtype=torch.float32, device=dev).scatter_add_(
         1, assign, torch.ones_like(assign, dtype=torch.float32))
     contextual = (xt + sums / cnt.clamp(min=1)[..., None]).to(x.dtype)
-    out = torch.cat([cls, dom_tokens, contextual], dim=1)
-    return VisionZipResult(out, dom_idx, t_idx, assign, scores)
+    return t_idx, assign, contextual
 
 
-@register_method("visionzip", "vision", VisionZipConfig)
-def visionzip(ctx: VisionContext, cfg: VisionZipConfig) -> VisionReduction:
+def split_units(cfg: VisionZipConfig, n: int) -> tuple[int, int]:
+    """(dominant, contextual) per unit of n merged tokens on an encoder without [CLS]: the
+    published Qwen2.5-VL defaults int(0.45 N) and max(int(0.05 N), 1) when nothing is given;
+    ``keep`` split 54:10 as on LLaVA; or the given counts (no CLS among them)."""
+    if cfg.keep is None and cfg.dominant is None and cfg.contextual is None:
+        return int(0.45 * n), max(int(0.05 * n), 1)
+    if cfg.keep is None:
+        dom = int(0.45 * n) if cfg.dominant is None else int(cfg.dominant)
+        ctx = max(int(0.05 * n), 1) if cfg.contextual is None else int(cfg.contextual)
+    else:
+        total = resolve_keep(cfg.keep, n)
+        ctx = (total * DEFAULT_CONTEXTUAL * 2 + (DEFAULT_DOMINANT + DEFAULT_CONTEXTUAL)) // \
+            (2 * (DEFAULT_DOMINANT + DEFAULT_CONTEXTUAL))
+        dom = total - ctx
+    if dom > n:
+        raise ValueError(f"dominant: {dom} tokens is more than a visual unit of this batch holds ({n})")
+    return dom, ctx
+
+
+def visionzip_units(ctx: VisionUnitsContext, cfg: VisionZipConfig) -> LLMSelection:
+    """VisionZip on merged tokens ranked by received attention (see the module notes): the
+    dominant tokens and the contextual targets, in ascending order, the targets carrying their
+    merged embedding."""
+    x = ctx.features
+    dom, n_ctx = split_units(cfg, x.shape[1])
+    dom_idx = ops.select_topk(ctx.received, dom)
+    t_idx, _, contextual = merge_contextual(x, ctx.keys, dom_idx, n_ctx)
+    index = torch.cat([dom_idx, t_idx], dim=1)
+    hidden = torch.cat([take_rows(x, dom_idx), contextual], dim=1)
+    order = index.argsort(dim=1)
+    return LLMSelection(index.gather(1, order), take_rows(hidden, order))
+
+
+@register_method("visionzip", "vision", VisionZipConfig, no_cls=True)
+def visionzip(ctx, cfg: VisionZipConfig):
+    if isinstance(ctx, VisionUnitsContext):
+        return visionzip_units(ctx, cfg)
     return VisionReduction(visionzip_select(ctx, cfg).features, None)

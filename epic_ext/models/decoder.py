@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -67,11 +67,11 @@ _CAPTURE = "epic_ext_capture"
 
 class _CaptureConfig:
     """Stands in for an attention module's config while it runs once: reports the capturing
-    attention function and forwards everything else to the real config."""
-    _attn_implementation = _CAPTURE
+    attention function ``name`` and forwards everything else to the real config."""
 
-    def __init__(self, base):
+    def __init__(self, base, name: str = _CAPTURE):
         self.__dict__["_base"] = base
+        self.__dict__["_attn_implementation"] = name
 
     def __getattr__(self, name):
         return getattr(self._base, name)
@@ -133,9 +133,10 @@ def llm_context(lm, seq: Sequence, layer: int, units: list[int], visual_mask: Op
                       visual_mask=visual_mask, kind=spans.kind[units[0]])
 
 
-def select_units(lm, seq: Sequence, red: LayerReduction) -> Slots:
-    """Run the method once per group of same-grid units; the slots of every unit (flat in group
-    order, each unit's offset recorded)."""
+def select_units(seq: Sequence, select: Callable[[list[int], Optional[Tensor]], LLMSelection]) -> Slots:
+    """Call ``select(units, visual_mask)`` once per group of same-grid units of ``seq.spans``
+    (``visual_mask``: [B, L] of every visual token, given when a row holds several units); the
+    slots of every unit (flat in group order, each unit's offset recorded)."""
     spans = seq.spans
     b, length = seq.hidden.shape[:2]
     dev = seq.hidden.device
@@ -144,7 +145,7 @@ def select_units(lm, seq: Sequence, red: LayerReduction) -> Slots:
     count, offset = [0] * len(spans), [0] * len(spans)
     srcs, hiddens, at = [], [], 0
     for units in spans.buckets():
-        sel: LLMSelection = red.spec.fn(llm_context(lm, seq, red.layer, units, visual_mask), red.cfg)
+        sel = select(units, visual_mask)
         k = int(sel.index.shape[1])
         for j, u in enumerate(units):
             count[u], offset[u] = k, at + j * k
@@ -169,7 +170,7 @@ def reduce_sequence(lm, seq: Sequence, red: LayerReduction) -> Sequence:
     length = seq.hidden.shape[1]
     if seq.spans is None or len(seq.spans) == 0:
         return replace(seq, captured={})
-    slots = select_units(lm, seq, red)
+    slots = select_units(seq, lambda units, vm: red.spec.fn(llm_context(lm, seq, red.layer, units, vm), red.cfg))
     cur_mask = seq.mask[:, -length:]
     hidden, mask, pos, rope_pos, kept, vis_id, _ = rebuild(
         seq.hidden, cur_mask, seq.pos, seq.rope_pos, seq.kept, seq.vis_id, seq.spans, slots,

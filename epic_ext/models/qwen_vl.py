@@ -23,9 +23,12 @@ What is particular to the family, and how the shared forward gets it:
 * Qwen2.5-VL's windowed vision attention and the vision tower in general run unchanged (the
   model's own ``get_image_features`` / ``get_video_features``).
 
-Vision-stage methods (VisionZip, PruMerge, TRIM) rank against a [CLS] token this encoder does not
-have; the published Qwen ports rank by the attention each token receives instead, which is not
-implemented yet, so ``apply`` rejects them with a clear error.
+Vision-stage methods rank against a [CLS] token this encoder does not have. The published Qwen
+ports rank by the attention each merged token receives in one full-attention vision block
+(``qwen_vision.py``); a method that implements that rule (``no_cls``: VisionZip) gets a
+``VisionUnitsContext`` per group of units and its selection is applied before the LLM with the
+original positions; the others (PruMerge, TRIM: no published Qwen port of theirs was found, and
+PruMerge+'s is EffiVLM-Bench's only) are rejected by ``apply`` with a clear error.
 """
 from __future__ import annotations
 
@@ -37,10 +40,12 @@ import torch
 from torch import Tensor
 
 from ..methods import MethodSpec
+from ..methods.base import VisionUnitsContext
 from .adapter import Adapter, Prompt
-from .decoder import Sequence
+from .decoder import Sequence, select_units
+from .qwen_vision import features_with_ranking
 from .forward import Reduction
-from .sequence import locate_units
+from .sequence import locate_units, rebuild
 
 
 class QwenVLAdapter(Adapter):
@@ -64,11 +69,11 @@ class QwenVLAdapter(Adapter):
                                                                                   or ()):
             raise ValueError("model: token reduction builds full causal masks; this model's text config uses "
                              "sliding-window attention (use_sliding_window / layer_types)")
-        if spec.stage == "vision":
+        if spec.stage == "vision" and not spec.no_cls:
             raise ValueError(f"model: {spec.name} ranks vision-encoder tokens against a [CLS] token, which the "
-                             f"Qwen-VL encoder does not have (its published Qwen ports rank by the attention each "
-                             f"token receives, not implemented yet). Use an in-LLM method (dart, fastv, random, "
-                             f"pooling) instead")
+                             f"Qwen-VL encoder does not have, and has no rule for such encoders yet (visionzip has: "
+                             f"the attention each token receives, as its published Qwen code). Use visionzip or an "
+                             f"in-LLM method (dart, fastv, random, pooling) instead")
 
     # ----------------------------------------------------------------------- units and features
 
@@ -88,31 +93,42 @@ class QwenVLAdapter(Adapter):
                 out += [(kind, i, (h // m, w // m))] * t
         return out
 
-    def _features(self, model, media: dict, kind: str):
-        """Per image / video: merged features [n, D], and the DeepStack features per layer."""
+    def _features(self, model, media: dict, kind: str, ranking: bool = False):
+        """Per image / video: merged features [n, D], the DeepStack features per layer, and with
+        ``ranking`` the (received attention [n], keys [n, d]) vision-side methods rank with."""
         pixels = media.get("pixel_values" if kind == "image" else "pixel_values_videos")
         grid = media.get(f"{kind}_grid_thw")
         if pixels is None:
-            return [], []
+            return [], [], None
         if grid is None:
             raise ValueError(f"{kind}_grid_thw: needed with the {kind} pixels")
         patches = int(grid.prod(-1).sum())
         if pixels.shape[0] != patches:
             key = "pixel_values" if kind == "image" else "pixel_values_videos"
             raise ValueError(f"{key}: {pixels.shape[0]} patches, but {kind}_grid_thw describes {patches}")
-        fn = model.model.get_image_features if kind == "image" else model.model.get_video_features
-        out = fn(pixels, grid, return_dict=True)
+        ranked = None
+        if ranking:
+            out, received, keys = features_with_ranking(model, pixels, grid, kind)
+            ranked = list(zip(received, keys))
+        else:
+            fn = model.model.get_image_features if kind == "image" else model.model.get_video_features
+            out = fn(pixels, grid, return_dict=True)
         feats = list(out.pooler_output)
         deep = [list(layer) for layer in getattr(out, "deepstack_features", None) or []]
-        return feats, deep
+        return feats, deep, ranked
 
     def rope_positions(self, model, prompt: Prompt) -> Tensor:
         """[3, B, L] M-RoPE positions of the unreduced prompt (the model's own get_rope_index)."""
         ids, media = prompt.input_ids, prompt.media
+        ph = self.placeholder_ids(model)
+        derived = (ids == ph["image"]).int() + 2 * (ids == ph["video"]).int()
         types = media.get("mm_token_type_ids")
         if types is None:
-            ph = self.placeholder_ids(model)
-            types = (ids == ph["image"]).int() + 2 * (ids == ph["video"]).int()
+            types = derived
+        elif types.shape != ids.shape or bool((types.to(derived.device).int() != derived).any()):
+            # The model would silently give visual tokens text positions.
+            raise ValueError("mm_token_type_ids: must mark image placeholders 1, video placeholders 2 and text 0, "
+                             "as input_ids hold them")
         fn = model.model.get_rope_index
         names = inspect.signature(fn).parameters
         kwargs = dict(mm_token_type_ids=types, image_grid_thw=media.get("image_grid_thw"),
@@ -143,18 +159,21 @@ class QwenVLAdapter(Adapter):
 
         spans = locate_units(prompt.input_ids, self.units(model, prompt.media), self.placeholder_ids(model),
                              {"image": "image_grid_thw", "video": "video_grid_thw"}, prompt.attention_mask)
-        per_kind = {kind: self._features(model, prompt.media, kind) for kind in ("image", "video")}
-        feats, deep = [], None
+        vision_method = red is not None and red.spec.stage == "vision"
+        per_kind = {kind: self._features(model, prompt.media, kind, vision_method) for kind in ("image", "video")}
+        feats, deep, ranked = [], None, []
         n_deep = max(len(per_kind["image"][1]), len(per_kind["video"][1]))
         if n_deep:
             deep = [[] for _ in range(n_deep)]
         for u, (kind, media_i, frame) in enumerate(zip(spans.kind, spans.media, spans.frame)):
             n = spans.length[u]
-            f_all, deep_all = per_kind[kind]
+            f_all, deep_all, ranked_all = per_kind[kind]
             if media_i >= len(f_all):
                 raise ValueError(f"pixel_values{'_videos' if kind == 'video' else ''}: {kind} {media_i} has "
                                  f"placeholders but no pixels")
             feats.append(f_all[media_i][frame * n:(frame + 1) * n])
+            if ranked_all is not None:
+                ranked.append(tuple(t[frame * n:(frame + 1) * n] for t in ranked_all[media_i]))
             for layer in range(n_deep):
                 deep[layer].append(deep_all[layer][media_i][frame * n:(frame + 1) * n])
         flat_feats = torch.cat(feats).to(emb.dtype)
@@ -172,7 +191,30 @@ class QwenVLAdapter(Adapter):
         seq = replace(seq, hidden=hidden, spans=spans, rope_pos=rope)
         if deep is not None:
             seq = replace(seq, inject=[torch.cat(layer) for layer in deep], vis_id=spans.visual_ids(b, length))
+        if vision_method:
+            seq = self._vision_reduce(seq, feats, ranked, red)
         return seq
+
+    def _vision_reduce(self, seq: Sequence, feats: list, ranked: list, red: Reduction) -> Sequence:
+        """A vision-side method on the merged tokens of every unit (ranked by received attention),
+        applied before the LLM: kept (or merged-into) tokens keep their positions, ids and
+        DeepStack rows (a merged token its target's, as FlashVID does)."""
+        spans = seq.spans
+
+        def select(units, _visual_mask):
+            h, w = spans.grid[units[0]]
+            ctx = VisionUnitsContext(features=torch.stack([feats[u] for u in units]).to(seq.hidden.dtype),
+                                     received=torch.stack([ranked[u][0] for u in units]),
+                                     keys=torch.stack([ranked[u][1] for u in units]), grid=(h, w),
+                                     kind=spans.kind[units[0]])
+            return red.spec.fn(ctx, red.cfg)
+
+        slots = select_units(seq, select)
+        length = seq.hidden.shape[1]
+        hidden, mask, pos, rope_pos, kept, vis_id, _ = rebuild(seq.hidden, seq.mask[:, -length:], seq.pos, seq.rope_pos,
+                                                               seq.kept, seq.vis_id, spans, slots, renumber=False)
+        return replace(seq, hidden=hidden, mask=mask, pos=pos, rope_pos=rope_pos, kept=kept, vis_id=vis_id,
+                       spans=None)
 
     def decode_rope(self, model, seq: Sequence, cached, given: Optional[Tensor]) -> Tensor:
         if given is not None and given.dim() == 3:
