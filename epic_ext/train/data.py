@@ -360,16 +360,11 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
     def _warn_unknown_words(self) -> None:
         # The offline word-level tokenizer maps every word outside its closed vocabulary to
         # <unk>: a dataset written for another vocabulary would train on <unk>s without a word.
-        from .tokenizer import is_closed_vocabulary, unknown_words
+        from .tokenizer import is_closed_vocabulary
         if not is_closed_vocabulary(self.tokenizer):
             return
-        texts = [text.replace(IMAGE_TAG, " ") for turns in self.turns for _, text in turns]
-        n_unk, total, examples = unknown_words(self.tokenizer, texts)
-        if n_unk:
-            warnings.warn(f"tokenizer: {n_unk} of {total} text tokens ({n_unk / total:.1%}) of this dataset are not "
-                          f"in the tokenizer's closed vocabulary and become {self.tokenizer.unk_token} "
-                          f"(e.g. {', '.join(repr(w) for w in examples)}); use a tokenizer that covers the "
-                          f"data's words", UserWarning, stacklevel=3)
+        warn_unknown_words(self.tokenizer, [text.replace(IMAGE_TAG, " ") for turns in self.turns for _, text in turns],
+                           stacklevel=4)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -406,6 +401,19 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
     def references(self) -> list[str]:
         """Each sample's first answer (what :func:`prompt_only` evaluation compares against)."""
         return [next(t for r, t in turns if r == "ASSISTANT") for turns in self.turns]
+
+
+def warn_unknown_words(tokenizer, texts, stacklevel: int = 3) -> None:
+    """A UserWarning giving the fraction of ``texts``' tokens that ``tokenizer`` maps to its
+    unknown token, and a few of the words (a closed vocabulary would train on unknown tokens
+    without a word)."""
+    from .tokenizer import unknown_words
+    n_unk, total, examples = unknown_words(tokenizer, texts)
+    if n_unk:
+        warnings.warn(f"tokenizer: {n_unk} of {total} text tokens ({n_unk / total:.1%}) of this dataset are not "
+                      f"in the tokenizer's closed vocabulary and become {tokenizer.unk_token} "
+                      f"(e.g. {', '.join(repr(w) for w in examples)}); use a tokenizer that covers the "
+                      f"data's words", UserWarning, stacklevel=stacklevel)
 
 
 class ProcessorConversationDataset(torch.utils.data.Dataset):
@@ -456,6 +464,10 @@ class ProcessorConversationDataset(torch.utils.data.Dataset):
             if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
                 raise ValueError(f"json_path_or_records: sample {r.get('id', '?')!r}: 'fps' must be a positive "
                                  f"number, got {fps!r}")
+        # The real Qwen tokenizers (byte-level BPE) have no unknown token: nothing to count there.
+        if processor.tokenizer.unk_token_id is not None:
+            warn_unknown_words(processor.tokenizer, [v for turns in self.turns for _, parts in turns
+                                                     for kind, v in parts if kind == "text"])
 
     def _has(self, name: str, as_folder: bool) -> bool:
         if self._folder is not None:

@@ -473,9 +473,9 @@ def test_onevision_turns_place_every_image_and_video():
     (_ov(["<image> what ?", "x"], image=["a.png", "b.png"]), "for 2 image"),
     (_ov(["<video> what ?", "x"], image="a.png"), "<video>"),
     (_ov(["what ?", "<image> x"], image="a.png"), "in an answer"),
-    (_ov(["what ?", "x"], image=[]), "'image' must be"),
-    (_ov(["what ?", "x"], image=3), "'image' must be"),
-    (_ov(["what ?", "x"], video=[1, 2]), "'video' must be"),
+    (_ov(["what ?", "a"], image=[]), "'image' must be"),
+    (_ov(["what ?", "a"], image=3), "'image' must be"),
+    (_ov(["what ?", "a"], video=[1, 2]), "'video' must be"),
     (_ov(["what ?"], image="a.png"), "nothing to supervise"),
 ])
 def test_onevision_bad_records_raise(record, needle):
@@ -497,9 +497,9 @@ def _qwen_media():
 
 QWEN_RECORDS = [
     _ov(["<image> what is this ? <image>", "a red dog", "and the sky ?", "blue"], image=["a.png", "b.png"]),
-    _ov(["<image>\nwhat is the man doing ?", "he is running"], video="clip", fps=1),
+    _ov(["<image>\nwhat is the man holding ?", "he is running"], video="clip", fps=1),
     _ov(["what color is the sky ?", "blue"]),
-    _ov(["how many birds ?", "three"], image="b.png", video=["f1.png", "f2.png"]),
+    _ov(["how many bird ?", "three"], image="b.png", video=["f1.png", "f2.png"]),
 ]
 
 
@@ -583,20 +583,20 @@ def test_qwen_media_from_a_folder(tmp_path, qwen_ds):
 def test_qwen_bad_media_and_lengths_raise(tmp_path, qwen_ds):
     from epic_ext.train.data import ProcessorConversationDataset
     proc, media = qwen_ds.processor, _qwen_media()
-    missing = [_ov(["what ?", "x"], image="nope.png")]
+    missing = [_ov(["what ?", "a"], image="nope.png")]
     with pytest.raises(ValueError, match=r"media: sample 's': 'nope.png' not found"):
         ProcessorConversationDataset(missing, media, proc)
     with pytest.raises(ValueError, match=r"media: sample 's': 'nope.png' not found"):
         ProcessorConversationDataset(missing, str(tmp_path), proc)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="'empty' not found"):              # a video folder without frames
-        ProcessorConversationDataset([_ov(["what ?", "x"], video="empty")], str(tmp_path), proc)
+        ProcessorConversationDataset([_ov(["what ?", "a"], video="empty")], str(tmp_path), proc)
     with pytest.raises(ValueError, match="media: no such folder"):
         ProcessorConversationDataset(QWEN_RECORDS, str(tmp_path / "none"), proc)
     with pytest.raises(ValueError, match="media: expected"):
         ProcessorConversationDataset(QWEN_RECORDS, [1, 2], proc)
     with pytest.raises(ValueError, match="'fps' must be"):
-        ProcessorConversationDataset([_ov(["what ?", "x"], video="clip", fps=0)], media, proc)
+        ProcessorConversationDataset([_ov(["what ?", "a"], video="clip", fps=0)], media, proc)
     with pytest.raises(ValueError, match="processor"):
         ProcessorConversationDataset(QWEN_RECORDS, media, proc.tokenizer.backend_tokenizer)
     # text-only data needs no media at all
@@ -620,3 +620,14 @@ def test_qwen_prompt_only(qwen_ds):
     later = {**qwen_ds[0], "mm_token_type_ids": torch.ones_like(qwen_ds[0]["mm_token_type_ids"])}
     with pytest.raises(ValueError, match="after its first answer"):
         prompt_only(later)
+
+
+def test_qwen_unknown_words_warn(qwen_ds):
+    import warnings
+
+    from epic_ext.train.data import ProcessorConversationDataset
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # every word of QWEN_RECORDS is in the tiny vocabulary
+        ProcessorConversationDataset(QWEN_RECORDS, _qwen_media(), qwen_ds.processor)
+    with pytest.warns(UserWarning, match=r"2 of 4 text tokens \(50.0%\).*\[UNK\].*'triangle', 'circles'"):
+        ProcessorConversationDataset([_ov(["triangle circles ?", "red"])], None, qwen_ds.processor)

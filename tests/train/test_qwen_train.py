@@ -33,12 +33,12 @@ def qwen_records() -> list[dict]:
     return [
         {"id": "two-images", "image": ["a.png", "b.png"],
          "conversations": _turns(("<image> what is in the first picture ? <image>", "a red dog"),
-                                 ("and in the second ?", "two blue cups"))},
+                                 ("and in the second ?", "two blue cup"))},
         {"id": "video-folder", "video": "clip", "fps": 1,
-         "conversations": _turns(("<image>\nwhat is the man doing ?", "he is running"))},
+         "conversations": _turns(("<image>\nwhat is the man holding ?", "a blue ball"))},
         {"id": "text-only", "conversations": _turns(("what color is the sky ?", "blue"))},
         {"id": "untagged", "image": "c.png", "video": ["clip/frame_1.png", "clip/frame_2.png"],
-         "conversations": _turns(("how many birds are there ?", "three"))},
+         "conversations": _turns(("how many bird are there ?", "three"))},
         {"id": "one-image", "image": "b.png",
          "conversations": _turns(("where is the cat ? <image>", "on the table"))},
     ]
@@ -199,7 +199,10 @@ def test_presets_and_synthetic_data():
     with pytest.raises(ValueError, match=r"^model: .*tiny-qwen2\.5-vl"):
         TrainConfig.from_dict({"model": "tiny-qwen9"})
     cfg = TrainConfig.from_dict({"model": "tiny-qwen2.5-vl", "data": {"synthetic": {"n": 2, "seed": 0}}})
-    ds = load_dataset(cfg, tq.tiny_qwen_processor(FAMILY), SimpleNamespace(config=SimpleNamespace(model_type=FAMILY)))
+    # the tiny Qwen vocabulary lacks some of the task's words: said once, with the fraction
+    with pytest.warns(UserWarning, match=r"tokenizer: \d+ of \d+ text tokens .* become \[UNK\]"):
+        ds = load_dataset(cfg, tq.tiny_qwen_processor(FAMILY),
+                          SimpleNamespace(config=SimpleNamespace(model_type=FAMILY)))
     s = ds[1]
     assert s["image_grid_thw"].shape == (1, 3) and (s["input_ids"] == tq.IMAGE_ID).sum() == \
         s["image_grid_thw"].prod() // 4
