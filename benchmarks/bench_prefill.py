@@ -21,8 +21,9 @@ and FastV at layer 2. Per request and budget:
   decode    per-token time of 8 cached decode steps after the prefill
   FLOPs     epic_ext.cost.request_cost over the request's units (each unit's kept count)
 All prefills of a request are timed in interleaved rounds, on the wall clock and on the process's
-CPU clock; with --threads 1 the CPU clock's ratios hold on a shared machine whose load changes
-the wall clock ("cpu t/F"). Written to `prefill_qwen_<machine>.json`.
+CPU clock, and a time ratio is the median of the rounds' ratios to the 100% row: with --threads 1
+the CPU clock's ratios ("cpu" t/F) hold on a shared machine whose load moves the wall clock.
+Written to `prefill_qwen_<machine>.json`.
 
     python -m benchmarks.bench_prefill --quick
     python -m benchmarks.bench_prefill --presets llava-1.5-7b-depth --methods dart,fastv,random
@@ -107,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--requests: unknown {', '.join(unknown)}; choose from {', '.join(QWEN_REQUESTS)}")
         qwen_methods = (args.methods or "dart,fastv").split(",")
         keeps = [1.0, 0.11] if args.quick else list(QWEN_KEEPS)
-        qwen_rows = run_qwen(args, device, dtype, qwen_methods, requests, keeps, budget_s)
+        # seconds of rounds per timed entry: enough rounds for the 448 px request's fast calls
+        qwen_budget = args.budget or (1.0 if args.quick else 4.0)
+        qwen_rows = run_qwen(args, device, dtype, qwen_methods, requests, keeps, qwen_budget)
         if not args.no_json:
             path = common.write_results(f"{BENCH}_qwen", qwen_rows, machine,
                                         config=dict(preset=QWEN_PRESET, overrides=QWEN_OVERRIDES, methods=qwen_methods,
@@ -252,9 +255,9 @@ class _VisionPrecomputed:
             self.inner.__dict__.pop(name, None)
 
 
-def _qwen_decode(model, req, steps: int) -> tuple[float, int]:
-    """Median ms of ``steps`` cached greedy decode steps after one prefill (the first step not
-    counted), and the length of the last layer's cache after the prefill."""
+def _qwen_decode(model, req, steps: int) -> tuple[float, float, int]:
+    """Median wall and CPU ms of ``steps`` cached greedy decode steps after one prefill (the
+    first step not counted), and the length of the last layer's cache after the prefill."""
     import time
     with torch.no_grad():
         out = model(**req, use_cache=True, logits_to_keep=1)
@@ -263,26 +266,27 @@ def _qwen_decode(model, req, steps: int) -> tuple[float, int]:
         cached_last = cache.get_seq_length(n_layers - 1)
         mask = req["attention_mask"]
         nxt = out.logits[:, -1:].argmax(-1)
-        times = []
+        wall, cpu = [], []
         for _ in range(steps + 1):
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
             common.sync(mask.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
             nxt = out.logits[:, -1:].argmax(-1)
             common.sync(mask.device)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[1:]), cached_last
+            wall.append((time.perf_counter() - t0) * 1e3)
+            cpu.append((time.process_time() - c0) * 1e3)
+    return statistics.median(wall[1:]), statistics.median(cpu[1:]), cached_last
 
 
 def _interleaved(runs: dict, device, budget_s: float, min_reps: int) -> dict:
     """Time every entry of ``runs`` ({key: (enter, fn, leave)}) in rounds, each round calling
     each fn once in order (enter / leave untimed), so a shared machine's changing load falls on
     the baseline and the reduced runs alike. One untimed round first; then as many rounds as
-    ``budget_s`` per entry allows, at least ``min_reps``. Returns {key: (wall, cpu)}, two
-    common.Timing: wall-clock ms, and the process's CPU ms (time.process_time) over the same
-    calls. With one thread the CPU clock is the call's own work, which other processes' load on
-    a shared machine barely changes (the wall clock grows with their share of the cores)."""
+    ``budget_s`` per entry allows, at least ``min_reps``. Returns {key: (wall, cpu)}: the ms of
+    each round on the wall clock and on the process's CPU clock (time.process_time). With one
+    thread the CPU clock is the call's own work, which other processes' load on a shared machine
+    changes much less than the wall clock (that grows with their share of the cores)."""
     import time
     wall: dict = {k: [] for k in runs}
     cpu: dict = {k: [] for k in runs}
@@ -308,13 +312,22 @@ def _interleaved(runs: dict, device, budget_s: float, min_reps: int) -> dict:
     for _ in range(rounds):
         one_round(True)
 
-    def timing(v):
-        return common.Timing(statistics.median(v), min(v), statistics.fmean(v), len(v))
-    return {k: (timing(wall[k]), timing(cpu[k])) for k in runs}
+    return {k: (wall[k], cpu[k]) for k in runs}
 
 
-def _ms(row: dict, what: str) -> str:
-    return f"{row[what + '_ms']:.0f}/{row[what + '_cpu_ms']:.0f}"
+def _timing(ms: list[float]) -> common.Timing:
+    return common.Timing(statistics.median(ms), min(ms), statistics.fmean(ms), len(ms))
+
+
+def _paired_ratio(ms: list[float], base: list[float]) -> float:
+    """Median over rounds of the round's time over the baseline's time in the same round."""
+    return statistics.median(a / b for a, b in zip(ms, base))
+
+
+def _ms(row: dict, what: str, tail: str = "") -> str:
+    wall, cpu = row[f"{what}_ms{tail}"], row[f"{what}_cpu_ms{tail}"]
+    digits = 0 if wall >= 100 else 1
+    return f"{wall:.{digits}f}/{cpu:.{digits}f}"
 
 
 def _nothing() -> None:
@@ -366,25 +379,27 @@ def run_qwen(args, device, dtype, methods: list[str], requests: list[str], keeps
                 enter, leave = _applier(model, c, args.layer, precomputed if what == "llm" else None)
                 runs[(c, what)] = (enter, _qwen_prefill_fn(model, req), leave)
         timed = _interleaved(runs, device, budget_s, args.min_reps)
-        vision, vision_cpu = timed["vision"]
+        vision, vision_cpu = map(_timing, timed["vision"])
         print(f"\n{QWEN_PRESET} {name}: {text.num_hidden_layers}-layer LLM (hidden {text.hidden_size}), "
               f"prompt {prompt_tokens} tokens ({sum(units)} visual in {len(units)} unit(s) of {units[0]}), "
               f"B={args.batch}, {dtype}, {torch.get_num_threads()} thread(s), layer {args.layer}; vision tower "
               f"{vision.median_ms:.0f} ms wall / {vision_cpu.median_ms:.0f} ms CPU; {vision.reps} rounds")
-        print("ms columns: wall/CPU median; r: ratio to the 100% row; t/F: time ratio / FLOPs ratio (wall, CPU)")
+        print("ms: wall/CPU medians; r: ratio to the 100% row (time: median of the rounds' ratios); "
+              "t/F: time ratio / FLOPs ratio (wall, CPU)")
         print(f"{'method':<7}{'keep':>5}{'visual':>7}{'prefill base':>13}{'prefill ours':>13}{'LLM base':>12}"
               f"{'LLM ours':>12}{'FLOP r':>8}{'time r':>7}{'t/F':>6}{'cpu':>6}{'LLM F r':>8}{'LLM t r':>8}"
-              f"{'t/F':>6}{'cpu':>6}{'dec ms':>7}{'KV MiB':>7}")
+              f"{'t/F':>6}{'cpu':>6}{'dec ms':>11}{'KV MiB':>7}")
         base = None
         for c in configs:
             method, keep = c
             enter, leave = _applier(model, c, args.layer, precomputed)
             enter()
             try:
-                dec, cached_last = _qwen_decode(model, req, DECODE_STEPS)
+                dec, dec_cpu, cached_last = _qwen_decode(model, req, DECODE_STEPS)
             finally:
                 leave()
-            (full, full_cpu), (llm, llm_cpu) = timed[(c, "full")], timed[(c, "llm")]
+            full, full_cpu = map(_timing, timed[(c, "full")])
+            llm, llm_cpu = map(_timing, timed[(c, "llm")])
             kept = [resolve_k(keep, n) for n in units] if method != "none" else list(units)
             kept_units = [replace(u, kept=k) for u, k in zip(all_units, kept)]
             cost = request_cost(cfg, prompt_tokens - sum(units), kept_units, args.layer, bytes_per_element=bpe)
@@ -398,16 +413,16 @@ def run_qwen(args, device, dtype, methods: list[str], requests: list[str], keeps
                        prefill_cpu_ms=full_cpu.median_ms, vision_ms=vision.median_ms,
                        vision_cpu_ms=vision_cpu.median_ms,
                        llm=llm.as_dict(), llm_ms=llm.median_ms, llm_cpu_ms=llm_cpu.median_ms,
-                       decode_ms_per_token=dec, flops=cost.flops, flops_vision=cost.flops_vision,
+                       decode_ms_per_token=dec, decode_cpu_ms_per_token=dec_cpu, flops=cost.flops,
+                       flops_vision=cost.flops_vision,
                        flops_llm=cost.flops_llm, kv_bytes=cost.kv_bytes, kv_bytes_per_layer=cost.kv_bytes_per_layer)
             if base is None:
                 base = row
             row["flops_ratio"] = row["flops"] / base["flops"]
             row["llm_flops_ratio"] = row["flops_llm"] / base["flops_llm"]
-            for prefix, flops_key in (("", "flops_ratio"), ("llm_", "llm_flops_ratio")):
-                for clock in ("", "cpu_"):
-                    ms = ("prefill_" if not prefix else "llm_") + clock + "ms"
-                    ratio = row[ms] / base[ms]
+            for prefix, what, flops_key in (("", "full", "flops_ratio"), ("llm_", "llm", "llm_flops_ratio")):
+                for clock, series in (("", 0), ("cpu_", 1)):
+                    ratio = _paired_ratio(timed[(c, what)][series], timed[(configs[0], what)][series])
                     row[f"{prefix}{clock}time_ratio"] = ratio
                     row[f"{prefix}{clock}time_over_flops"] = ratio / row[flops_key]
             rows.append(row)
@@ -415,7 +430,8 @@ def run_qwen(args, device, dtype, methods: list[str], requests: list[str], keeps
                   f"{_ms(base, 'llm'):>12}{_ms(row, 'llm'):>12}{row['flops_ratio']:>8.3f}{row['time_ratio']:>7.3f}"
                   f"{row['time_over_flops']:>6.2f}{row['cpu_time_over_flops']:>6.2f}{row['llm_flops_ratio']:>8.3f}"
                   f"{row['llm_time_ratio']:>8.3f}{row['llm_time_over_flops']:>6.2f}"
-                  f"{row['llm_cpu_time_over_flops']:>6.2f}{dec:>7.1f}{cost.kv_bytes / 2**20:>7.1f}")
+                  f"{row['llm_cpu_time_over_flops']:>6.2f}{_ms(row, 'decode', '_per_token'):>11}"
+                  f"{cost.kv_bytes / 2**20:>7.1f}")
     return rows
 
 
