@@ -27,21 +27,12 @@ try:
 except ImportError:  # the extension is not built: the reference alone
     CPP = None
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.usefixtures("one_thread")]
 
 # (atol, rtol) of the fp32 output, the same for every input dtype (the reference reads the same
 # rounded inputs); the C++ parity check allows twice that.
 TOL = (1e-6, 2e-5)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: torch's intra-op threads only add wake-up latency on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,7 @@ except ImportError:  # the extension is not built: the reference alone
     CPP = None
 
 # The interpreter's numpy ops warn on inf - inf in lanes that a select then discards.
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.usefixtures("one_thread")]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TAUS = [0.5, 1.0, 2.0]
@@ -39,16 +39,6 @@ TOL = {torch.float32: (1e-5, 2.0 ** -24, 0.0, 2.0 ** -24),
        torch.float16: (1e-5, 2.0 ** -11, 2.0 ** -25, 2.0 ** -24),
        torch.bfloat16: (1e-5, 2.0 ** -8, 0.0, 2.0 ** -24),
        torch.float64: (1e-6, 2.0 ** -53, 0.0, 2.0 ** -53)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are small: torch's intra-op threads only add wake-up latency (badly so
-    on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

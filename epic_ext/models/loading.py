@@ -63,19 +63,4 @@ def load_processor(path):
     path = tiny.check_checkpoint(path)
     if check_model_type(path) in LLAVA_TYPES:
         return tiny.load_processor(path)
-    from transformers import AutoProcessor
-    try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    except ImportError as e:
-        raise OSError(f"{path}: cannot load the Qwen-VL processor: {' '.join(str(e).split())[:200]} "
-                      f"(transformers' Qwen-VL processors need torchvision)") from e
-    except (OSError, ValueError) as e:
-        first = (" ".join(str(e).split()).split(". ")[0] or type(e).__name__).rstrip(".")
-        raise OSError(f"{path}: cannot load the processor saved with the model (image and video processors + "
-                      f"tokenizer; transformers: {first}); save it next to the weights with "
-                      "processor.save_pretrained(folder)") from e
-    tok = getattr(processor, "tokenizer", None)
-    if tok is None or not hasattr(processor, "image_processor"):
-        raise OSError(f"{path}: the saved processor has no tokenizer and image processor")
-    tok.padding_side = "left"
-    return processor
+    return tiny.load_processor(path, backend=None)

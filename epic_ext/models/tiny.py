@@ -12,6 +12,7 @@ Presets:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 import torch
 
@@ -115,14 +116,19 @@ def load_llava(path: str, *, dtype: torch.dtype | None = None, attn_implementati
     return model.to(device).eval()
 
 
-def load_processor(path: str):
-    """The processor (image processor + tokenizer) saved with a local checkpoint, left padding."""
+def load_processor(path: str, backend: Optional[str] = "pil"):
+    """The processor (image processor + tokenizer) saved with a local checkpoint, left padding.
+    ``backend="pil"`` (LLaVA): PIL's resampling, as LLaVA's own preprocessing and our training
+    (with torchvision installed transformers would pick its bicubic, a few 1e-3 away); None:
+    transformers' default (Qwen-VL's video processors have no PIL backend)."""
     from transformers import AutoProcessor
     path = check_checkpoint(path)
     try:
-        # PIL's resampling, as LLaVA's own preprocessing and our training (with torchvision
-        # installed transformers would pick its bicubic, a few 1e-3 away).
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True, backend="pil")
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True,
+                                                  **({} if backend is None else {"backend": backend}))
+    except ImportError as e:
+        raise OSError(f"{path}: cannot load the processor: {' '.join(str(e).split())[:200]} "
+                      f"(transformers' Qwen-VL processors need torchvision)") from e
     except (OSError, ValueError) as e:
         first = (" ".join(str(e).split()).split(". ")[0] or type(e).__name__).rstrip(".")
         raise OSError(f"{path}: cannot load the processor saved with the model (image processor + "

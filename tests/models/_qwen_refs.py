@@ -15,6 +15,7 @@ torchvision is installed, and ``tiny_qwen.row_inputs`` slices its batches like t
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -29,6 +30,12 @@ from epic_ext.models import tiny_qwen as tq
 ROWS = (dict(images=[], video=None), dict(images=[(4, 3)], video=None),
         dict(images=[(2, 2), (4, 5)], video=None), dict(images=[], video=(2, 2, 3)),
         dict(images=[(3, 3)], video=(2, 2, 2)), dict(images=[(4, 3)], video=None))
+
+
+@functools.lru_cache(maxsize=None)
+def model_of(family: str, attn: str = "sdpa"):
+    """The tiny model of ``family`` (built once per attention implementation)."""
+    return tq.build_tiny_qwen(family, attn=attn)
 
 
 def rows_with_text(n: int, *, seed: int = 0) -> list[dict]:

@@ -36,18 +36,8 @@ SUPPRESSED = torch.tensor(tq.SUPPRESSED_IDS)
 EOS = (tq.IM_END_ID, tq.PAD_ID)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls: two OpenMP threads on the shared 2-core machine only wait for each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@functools.lru_cache(maxsize=None)
-def model_of(family, attn="sdpa"):
-    return tq.build_tiny_qwen(family, attn=attn)
+pytestmark = pytest.mark.usefixtures("one_thread")
+model_of = refs.model_of
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,14 +19,7 @@ FAMILIES = tq.FAMILIES
 ATOL, RTOL = 4e-5, 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls: with 2 OpenMP threads on the shared 2-core machine each one waits for the
-    # other core (~1 ms a call instead of ~10 us), so these tests run single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)
