@@ -149,17 +149,7 @@ def request_units(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     as the adapter's forward locates them (so a mismatch raises the same ValueError, before the
     model runs)."""
     from .models import adapter_of
-    from .models.sequence import locate_units
-    adapter = adapter_of(model)
-    if hasattr(adapter, "units"):            # dynamic resolution (Qwen-VL): from the grids
-        units, argument = adapter.units(model, media), "image_grid_thw"
-    else:                                    # a fixed grid per image (LLaVA)
-        n = adapter.unit_tokens(model)
-        side = int(round(n ** 0.5))
-        pixels = media.get("pixel_values")
-        count = 0 if pixels is None else pixels.shape[0]
-        units, argument = [("image", i, (side, n // side)) for i in range(count)], "pixel_values"
-    spans = locate_units(input_ids, units, adapter.placeholder_ids(model), argument, attention_mask)
+    spans = adapter_of(model).locate(model, input_ids, attention_mask, media)
     rows: list[list[VisualUnit]] = [[] for _ in range(input_ids.shape[0])]
     for r, (h, w), kind in zip(spans.row, spans.grid, spans.kind):
         rows[r].append(VisualUnit(tokens=h * w, grid=(h, w), kind=kind))

@@ -16,7 +16,8 @@ and the EPIC step. An adapter provides:
   (:class:`Spans`: where each image / video frame group sits, ragged per row), 1-D positions and,
   for M-RoPE models, the 3-D ``rope_pos``; per-layer visual injections (DeepStack) as
   ``inject`` + ``vis_id``; a vision-stage method already applied (its slots rebuilt in).
-* ``placeholder_ids(model)``: the placeholder token of each visual kind.
+* ``placeholder_ids(model)``: the placeholder token of each visual kind; ``units(model, media)``:
+  the units the visual inputs describe (``locate`` finds them in ``input_ids``).
 * ``decode_rope(model, seq, cached, given)``: rope positions of decode tokens (M-RoPE: text position +
   the prompt's rope delta); None for 1-D RoPE.
 * ``media_keys``: the forward's keyword arguments that carry visual inputs; ``renumber``: whether
@@ -87,6 +88,20 @@ class Adapter:
         kept = torch.arange(length, device=emb.device)[None].expand(b, -1)
         return Sequence(hidden=emb, mask=prompt.attention_mask, pos=prompt.position_ids, kept=kept,
                         query_index=prompt.query_index)
+
+    # The argument a placeholder/unit mismatch is reported against, per visual kind.
+    unit_arguments: dict = {"image": "pixel_values"}
+
+    def units(self, model, media: dict) -> list:
+        """The visual units the inputs describe, in prompt order per kind: (kind, media number,
+        (h, w) token grid), a video contributing one per temporal patch group."""
+        raise NotImplementedError
+
+    def locate(self, model, input_ids: Tensor, attention_mask: Tensor, media: dict):
+        """The :class:`Spans` of a prompt batch (ValueError naming the argument on a mismatch)."""
+        from .sequence import locate_units
+        return locate_units(input_ids, self.units(model, media), self.placeholder_ids(model), self.unit_arguments,
+                            attention_mask)
 
     def placeholder_ids(self, model) -> dict[str, int]:
         """Token id of each visual kind's placeholder, e.g. {"image": id}."""

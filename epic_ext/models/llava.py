@@ -18,7 +18,7 @@ from ..methods.base import VisionContext
 from .adapter import Adapter, Prompt
 from .decoder import Sequence
 from .forward import Reduction, vision_slots
-from .sequence import Spans, compact_slots, locate_units
+from .sequence import Spans, compact_slots
 
 
 def vision_features(model, pixel_values, input_ids, prompt_mask, spans: Spans, red: Optional[Reduction]):
@@ -65,6 +65,12 @@ class LlavaAdapter(Adapter):
     def unit_tokens(self, model) -> int:
         return model.config.image_seq_length
 
+    def units(self, model, media: dict) -> list:
+        pixels = media.get("pixel_values")
+        n = model.config.image_seq_length
+        side = int(round(n ** 0.5))
+        return [("image", i, (side, n // side)) for i in range(0 if pixels is None else pixels.shape[0])]
+
     def check(self, model, spec: MethodSpec) -> None:
         check_model(model, spec)
 
@@ -80,10 +86,7 @@ class LlavaAdapter(Adapter):
         if pixel_values is None:
             return seq
         n = cfg.image_seq_length
-        side = int(round(n ** 0.5))
-        units = [("image", i, (side, n // side)) for i in range(pixel_values.shape[0])]
-        spans = locate_units(prompt.input_ids, units, self.placeholder_ids(model), "pixel_values",
-                             prompt.attention_mask)
+        spans = self.locate(model, prompt.input_ids, prompt.attention_mask, prompt.media)
         # Methods read the prompt up to query_index (TRIM's question), not tokens after it.
         prompt_mask = prompt.attention_mask[:, -length:] & \
             (torch.arange(length, device=device) <= prompt.query_index[:, None])

@@ -45,7 +45,7 @@ from .adapter import Adapter, Prompt
 from .decoder import Sequence, select_units
 from .qwen_vision import features_with_ranking
 from .forward import Reduction
-from .sequence import locate_units, rebuild
+from .sequence import rebuild
 
 
 class QwenVLAdapter(Adapter):
@@ -53,6 +53,7 @@ class QwenVLAdapter(Adapter):
     media_keys = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "mm_token_type_ids",
                   "second_per_grid_ts")
     renumber = False
+    unit_arguments = {"image": "image_grid_thw", "video": "video_grid_thw"}
 
     def placeholder_ids(self, model) -> dict[str, int]:
         cfg = model.config
@@ -157,8 +158,7 @@ class QwenVLAdapter(Adapter):
             rope = given[-3:] if given is not None and given.dim() == 3 else prompt.position_ids[None].expand(3, -1, -1)
             return replace(seq, rope_pos=rope)
 
-        spans = locate_units(prompt.input_ids, self.units(model, prompt.media), self.placeholder_ids(model),
-                             {"image": "image_grid_thw", "video": "video_grid_thw"}, prompt.attention_mask)
+        spans = self.locate(model, prompt.input_ids, prompt.attention_mask, prompt.media)
         vision_method = red is not None and red.spec.stage == "vision"
         per_kind = {kind: self._features(model, prompt.media, kind, vision_method) for kind in ("image", "video")}
         feats, deep, ranked = [], None, []
