@@ -51,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
                    help="comma list of in-LLM methods (default dart; dart,fastv for qwen2.5-vl-depth)")
     p.add_argument("--requests", default=None,
                    help=f"qwen2.5-vl-depth: comma list of {','.join(QWEN_REQUESTS)} (default all; quick: image-448)")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="qwen2.5-vl-depth: LLM hidden size, a multiple of 64 (default 256; heads of 64, MLP 5.25x)")
     p.add_argument("--min-reps", type=int, default=5,
                    help="qwen2.5-vl-depth: the fewest timed repetitions per measurement")
     p.add_argument("--layer", type=int, default=2)
@@ -110,10 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         keeps = [1.0, 0.11] if args.quick else list(QWEN_KEEPS)
         # seconds of rounds per timed entry: enough rounds for the 448 px request's fast calls
         qwen_budget = args.budget or (1.0 if args.quick else 4.0)
-        qwen_rows = run_qwen(args, device, dtype, qwen_methods, requests, keeps, qwen_budget)
+        overrides = qwen_overrides(args.hidden)
+        qwen_rows = run_qwen(args, device, dtype, qwen_methods, requests, keeps, qwen_budget, overrides)
         if not args.no_json:
             path = common.write_results(f"{BENCH}_qwen", qwen_rows, machine,
-                                        config=dict(preset=QWEN_PRESET, overrides=QWEN_OVERRIDES, methods=qwen_methods,
+                                        config=dict(preset=QWEN_PRESET, overrides=overrides, methods=qwen_methods,
                                                     requests=requests, keeps=keeps, layer=args.layer,
                                                     batch=args.batch, quick=args.quick),
                                         out_dir=args.out_dir)
@@ -180,6 +183,18 @@ QWEN_OVERRIDES = dict(num_hidden_layers=28, hidden_size=256, intermediate_size=1
                                                               "mrope_section": [8, 12, 12]},
                       depth=4, vision_hidden_size=128, vision_intermediate_size=344, num_heads=2,
                       out_hidden_size=256, window_size=112, fullatt_block_indexes=[3], tokens_per_second=2)
+
+
+def qwen_overrides(hidden: int | None = None) -> dict:
+    """QWEN_OVERRIDES at another LLM width (heads of 64, MLP 5.25x, the merger's output)."""
+    if hidden is None:
+        return dict(QWEN_OVERRIDES)
+    if hidden < 64 or hidden % 64:
+        raise SystemExit(f"--hidden: a positive multiple of 64, got {hidden}")
+    return dict(QWEN_OVERRIDES, hidden_size=hidden, intermediate_size=hidden * 21 // 4,
+                num_attention_heads=hidden // 64, out_hidden_size=hidden)
+
+
 # name -> (kind, frames, height px, width px): 448 px -> 32x32 patches -> 256 tokens; 1344 px ->
 # 2304 tokens; 16 frames of 448 px -> 8 temporal groups (units) of 256 tokens.
 QWEN_REQUESTS = {"image-448": ("image", 1, 448, 448), "image-1344": ("image", 1, 1344, 1344),

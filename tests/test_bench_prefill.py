@@ -30,6 +30,15 @@ def test_qwen_requests_have_the_stated_visual_tokens(name, kind, units):
         assert req["second_per_grid_ts"].tolist() == [1.0, 1.0]   # 16 frames at 2 fps, 2 per group
 
 
+def test_qwen_overrides_at_another_width():
+    wide = bp.qwen_overrides(512)
+    assert (wide["hidden_size"], wide["num_attention_heads"], wide["intermediate_size"], wide["out_hidden_size"]) \
+        == (512, 8, 2688, 512)
+    assert bp.qwen_overrides() == bp.QWEN_OVERRIDES
+    with pytest.raises(SystemExit, match="--hidden"):
+        bp.qwen_overrides(100)
+
+
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_qwen_rows_run_on_a_tiny_model(monkeypatch, kind):
     # the same driver on a 3-layer model and a small request (112 px: 16 tokens per unit)
