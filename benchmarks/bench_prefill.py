@@ -10,7 +10,7 @@ The method reduces at decoder layer 2 (the EPIC / DART setting); 576 means no re
 check of interest: measured time ratio vs 576 tokens against the FLOPs ratio (DESIGN.md 5):
 `time/flops` near 1 means the saving is real, not eaten by overheads.
 
-Qwen2.5-VL-shaped rows (--presets qwen2.5-vl-depth; not in the default run: ~10 minutes with
+Qwen2.5-VL-shaped rows (--presets qwen2.5-vl-depth; not in the default run: ~7 minutes with
 --threads 1 on the 2-core VM, --quick ~1 minute): a 28-layer LLM of hidden 256 behind a small
 vision tower with the real patching (patch 14, 2x2 merger, 112 px windows), one request (B=1)
 each of a 448x448 image (256 visual tokens), a 1344x1344 image (2304) and a 16-frame 448x448
