@@ -118,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     machine = docs[0]["machine"]
     print(f"== report: {machine.get('name')} [{slug}], torch {docs[0].get('torch')}")
+    # Model-level benchmarks (prefill, train step) have rows of their own shape and print their
+    # own tables; this table and plot hold the per-op rows (case x provider).
+    model_level = [d for d in docs if not all("case" in r and "provider" in r for r in d["rows"])]
+    for d in model_level:
+        print(f"   {d['bench']}: model-level rows, see its own output ({Path(d['_path']).name})")
+    docs = [d for d in docs if d not in model_level]
+    if not docs:
+        return 0
     for d in docs:
         mode = "quick" if d.get("config", {}).get("quick") else "full"
         print(f"   {d['bench']}: {len(d['rows'])} rows, {d.get('date')}, {mode} "
