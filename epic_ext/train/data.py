@@ -6,12 +6,13 @@ Text follows LLaVA-1.5's ``v1`` conversation format (optional system prompt, the
     USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: {question 2} ASSISTANT: {answer 2}</s>
 
 Tokenisation works for any fast tokenizer (the synthetic word-level one or a real checkpoint's):
-like LLaVA's ``tokenizer_image_token`` the text is split at ``<image>``, both halves are
+like LLaVA's ``tokenizer_image_token`` the text is split at each ``<image>``, the pieces are
 tokenised (BOS only in front, if the tokenizer uses one) and ``image_tokens`` copies of
-``image_token_id`` go in between. Supervision comes from character offsets: a token is labelled
-when it overlaps an answer (with the space before it) or the EOS that closes it. So the ids are
-those of the text in context (no per-segment re-tokenisation artefacts) and the labels need no
-tokenizer-specific length arithmetic (LLaVA's "-2" offsets).
+``image_token_id`` go in each tag's place (none in a text-only sample). Supervision comes from
+character offsets: a token is labelled when it overlaps an answer (with the space before it) or
+the EOS that closes it. So the ids are those of the text in context (no per-segment
+re-tokenisation artefacts) and the labels need no tokenizer-specific length arithmetic (LLaVA's
+"-2" offsets).
 """
 from __future__ import annotations
 
@@ -63,18 +64,27 @@ def format_conversation(turns: Sequence[tuple[str, str]], eos: str, system: str 
     return "".join(parts), spans
 
 
-def normalize_turns(record: dict, where: str = "json_path_or_records") -> list[tuple[str, str]]:
+def normalize_turns(record: dict, where: str = "json_path_or_records", num_images: Optional[int] = None
+                    ) -> list[tuple[str, str]]:
     """[(role, text)] of a LLaVA record, checked: roles alternate human/gpt starting with a human
-    turn and ending with an answer, exactly one ``<image>`` tag in a human turn, moved to the front
-    of that turn as ``<image>\\n`` (what LLaVA's ``preprocess_multimodal`` does)."""
+    turn and ending with an answer, one ``<image>`` tag per image, in human turns (none for a
+    text-only sample). As LLaVA-NeXT's ``preprocess_multimodal`` (LLaVA-1.5's for one image): a
+    turn with one tag has it moved to its front as ``<image>\\n``; a turn with several keeps them
+    in place (interleaved text refers to them in order). ``num_images``: the sample's image count;
+    None: the record's ``"image"`` key (a path or a list of paths), or its tags when it has none."""
     rid = record.get("id", "?") if isinstance(record, dict) else "?"
     turns = _checked_turns(record, where)
     tags = sum(t.count(IMAGE_TAG) for _, t in turns)
-    if tags != 1 or any(IMAGE_TAG in t for r, t in turns if r == "ASSISTANT"):
-        raise ValueError(f"{where}: sample {rid!r} has {tags} {IMAGE_TAG} tags; need exactly one, in a human turn")
+    if num_images is None:
+        num_images = len(sample_media(record, where)[0]) if record.get("image") is not None else tags
+    if any(IMAGE_TAG in t for r, t in turns if r == "ASSISTANT"):
+        raise ValueError(f"{where}: sample {rid!r} has an {IMAGE_TAG} tag in an answer; tags go in human turns")
+    if tags != num_images:
+        raise ValueError(f"{where}: sample {rid!r} has {tags} {IMAGE_TAG} tags for {num_images} image(s); need "
+                         f"one per image, in human turns (none for a text-only sample)")
     out = []
     for role, text in turns:
-        if IMAGE_TAG in text:
+        if text.count(IMAGE_TAG) == 1:
             text = IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()
         out.append((role, text.strip()))
     return out
@@ -176,30 +186,33 @@ def _bos_prefix(tokenizer) -> list[int]:
 def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer, image_token_id: int, image_tokens: int,
                         system: str | None = None, bos: list[int] | None = None
                         ) -> tuple[list[int], list[int], int, int]:
-    """(input_ids, labels, query_index, image_start) of normalised ``turns``; labels are
+    """(input_ids, labels, query_index, image_starts) of normalised ``turns``; labels are
     IGNORE_INDEX except on answer tokens and each answer's EOS; ``query_index`` is the last
-    token before the first answer."""
+    token before the first answer; ``image_starts``: the first placeholder of each ``<image>``,
+    in order ([] for a text-only conversation). As LLaVA's ``tokenizer_image_token``, the text
+    between tags is tokenised piece by piece and each tag becomes ``image_tokens`` placeholders."""
     if tokenizer.eos_token is None:
         raise ValueError("tokenizer: needs an eos_token (it closes every answer)")
     text, spans = format_conversation(turns, tokenizer.eos_token, system)
-    before, after = text.split(IMAGE_TAG)
     bos = _bos_prefix(tokenizer) if bos is None else bos
-    ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
-    for chunk, shift in ((before, 0), (after, len(before) + len(IMAGE_TAG))):
+    ids, labels, image_starts = list(bos), [IGNORE_INDEX] * len(bos), []
+    chunks, shift = text.split(IMAGE_TAG), 0
+    for j, chunk in enumerate(chunks):
         enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
         for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]):
             s, e = s + shift, e + shift
             hit = any(s < b and e > a for a, b in spans)
             ids.append(tid)
             labels.append(tid if hit else IGNORE_INDEX)
-        if shift == 0:
-            image_start = len(ids)
+        if j + 1 < len(chunks):
+            image_starts.append(len(ids))
             ids += [image_token_id] * image_tokens
             labels += [IGNORE_INDEX] * image_tokens
+        shift += len(chunk) + len(IMAGE_TAG)
     first = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), None)
     if first is None:
         raise ValueError("tokenizer: no token overlaps an answer (empty answers?)")
-    return ids, labels, first - 1, image_start
+    return ids, labels, first - 1, image_starts
 
 
 # --------------------------------------------------------------------------- images
@@ -294,25 +307,28 @@ def read_records(json_path_or_records) -> list:
 
 
 class LlavaConversationDataset(torch.utils.data.Dataset):
-    """LLaVA conversation JSON (single- or multi-turn, exactly one ``<image>`` per sample) as
-    training samples.
+    """LLaVA conversation JSON (single- or multi-turn) as training samples: one image per sample
+    (LLaVA-1.5), several (``"image": [paths]``, one ``<image>`` each), or none (no ``"image"``
+    key, no tag: the text-only conversations of LLaVA-1.5's mix665k); see :func:`normalize_turns`.
 
     ``json_path_or_records``: a JSON file path or the list of records. ``image_folder_or_images``:
-    a folder holding each record's ``image`` file, a mapping file name -> PIL image (or
-    preprocessed [3, H, W] tensor), or a sequence aligned with the records. ``image_processor``:
-    None (:class:`ClipImageProcessor` at 336 px), a transformers image processor, or any callable
-    PIL image -> [3, H, W] tensor. Structure and image presence are checked up front (ValueError
-    naming the argument); tokenisation is lazy.
+    a folder holding the records' image files, a mapping file name -> PIL image (or
+    preprocessed [3, H, W] tensor), or a sequence aligned with the records (per record: an image,
+    a list of its images, or None for a text-only record). ``image_processor``: None
+    (:class:`ClipImageProcessor` at 336 px), a transformers image processor, or any callable PIL
+    image -> [3, H, W] tensor. Structure, tag counts and image presence are checked up front
+    (ValueError naming the argument); tokenisation is lazy.
 
     A sample: ``{"id": str, "input_ids": int64 [L], "labels": int64 [L], "query_index": int,
-    "image_start": int, "pixel_values": float32 [3, H, W], "questions": [str], "answers": [str]}``.
+    "image_start": int, "image_starts": [int], "pixel_values": float32 [3, H, W], "questions":
+    [str], "answers": [str]}``; with several images ``pixel_values`` is [n, 3, H, W] (prompt
+    order); a text-only sample has no ``pixel_values`` and ``image_start`` None.
     """
 
     def __init__(self, json_path_or_records, image_folder_or_images, tokenizer, image_processor=None,
                  image_token_id: int | None = None, image_tokens: int = 576, max_length: int | None = 2048,
                  system: str | None = None):
         self.records = read_records(json_path_or_records)
-        self.turns = [normalize_turns(r) for r in self.records]
 
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("tokenizer: needs a fast tokenizer (labels come from its offset mapping)")
@@ -330,7 +346,6 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
         self.max_length, self.system = max_length, system
         self.image_processor = ClipImageProcessor() if image_processor is None else image_processor
         self._bos = _bos_prefix(tokenizer)
-        self._warn_unknown_words()
 
         # Kept as plain attributes (no closures) so the dataset pickles into spawned DataLoader workers.
         images = image_folder_or_images
@@ -339,16 +354,8 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
             folder = Path(images)
             if not folder.is_dir():
                 raise ValueError(f"image_folder_or_images: no such folder {str(folder)!r}")
-            for r in self.records:
-                if not isinstance(r.get("image"), str) or not (folder / r["image"]).is_file():
-                    raise ValueError(f"image_folder_or_images: sample {r.get('id', '?')!r}: image "
-                                     f"{r.get('image')!r} not found in {str(folder)!r}")
             self._folder = folder
         elif isinstance(images, Mapping):
-            for r in self.records:
-                if r.get("image") not in images:
-                    raise ValueError(f"image_folder_or_images: sample {r.get('id', '?')!r}: image "
-                                     f"{r.get('image')!r} is not in the given mapping")
             self._images, self._by_name = images, True
         elif isinstance(images, Sequence):
             if len(images) != len(self.records):
@@ -356,6 +363,30 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
             self._images = images
         else:
             raise ValueError("image_folder_or_images: expected a folder, a mapping file name -> image, or a list")
+        self.image_names, counts = [], []
+        for i, r in enumerate(self.records):
+            if not isinstance(r, dict):
+                raise ValueError(f"json_path_or_records: record {i} is not a mapping")
+            if r.get("video") is not None:
+                raise ValueError(f"json_path_or_records: sample {r.get('id', '?')!r} has a 'video'; LLaVA-1.5 "
+                                 f"takes images only")
+            # From a folder or a mapping the record's "image" names its files; an aligned sequence
+            # holds the images themselves (a record's "image" key is then not needed).
+            names = sample_media(r)[0]
+            if self._folder is not None or self._by_name:
+                for name in names:
+                    found = (self._folder / name).is_file() if self._folder is not None else name in self._images
+                    if not found:
+                        where = f"not found in {str(self._folder)!r}" if self._folder is not None \
+                            else "is not in the given mapping"
+                        raise ValueError(f"image_folder_or_images: sample {r.get('id', '?')!r}: image {name!r} {where}")
+                counts.append(len(names))
+            else:
+                item = self._images[i]
+                counts.append(0 if item is None else len(item) if isinstance(item, (list, tuple)) else 1)
+            self.image_names.append(names)
+        self.turns = [normalize_turns(r, num_images=n) for r, n in zip(self.records, counts)]
+        self._warn_unknown_words()
 
     def _warn_unknown_words(self) -> None:
         # The offline word-level tokenizer maps every word outside its closed vocabulary to
@@ -369,33 +400,54 @@ class LlavaConversationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def load_image(self, i: int):
+    def load_images(self, i: int) -> list:
+        """Sample ``i``'s images in prompt order ([] for a text-only sample)."""
         if self._folder is not None:
             from PIL import Image
-            with Image.open(self._folder / self.records[i]["image"]) as f:
-                return f.convert("RGB")
-        return self._images[self.records[i]["image"]] if self._by_name else self._images[i]
+            out = []
+            for name in self.image_names[i]:
+                with Image.open(self._folder / name) as f:
+                    out.append(f.convert("RGB"))
+            return out
+        if self._by_name:
+            return [self._images[name] for name in self.image_names[i]]
+        item = self._images[i]
+        return [] if item is None else list(item) if isinstance(item, (list, tuple)) else [item]
+
+    def load_image(self, i: int):
+        """The image of one-image sample ``i``."""
+        images = self.load_images(i)
+        if len(images) != 1:
+            raise ValueError(f"i: sample {i} has {len(images)} images, not one (use load_images)")
+        return images[0]
 
     def encode(self, i: int) -> dict:
         """The text side of sample ``i`` (no image loading)."""
-        ids, labels, q, start = encode_conversation(self.turns[i], self.tokenizer, self.image_token_id,
-                                                    self.image_tokens, self.system, self._bos)
+        ids, labels, q, starts = encode_conversation(self.turns[i], self.tokenizer, self.image_token_id,
+                                                     self.image_tokens, self.system, self._bos)
         rid = self.records[i].get("id", str(i))
         if self.max_length is not None and len(ids) > self.max_length:
-            # Right truncation like LLaVA (later turns lose supervision), but the image and the
-            # first answer's first token must survive, or the sample would train nothing.
-            if q + 2 > self.max_length:
-                raise ValueError(f"max_length: sample {rid!r} needs {q + 2} tokens to reach its first answer, "
-                                 f"max_length is {self.max_length}")
+            # Right truncation like LLaVA (later turns lose supervision), but every image (a cut
+            # one would no longer match its pixels) and the first answer's first token must
+            # survive, or the sample would train nothing.
+            need = max([q + 2] + [s + self.image_tokens for s in starts])
+            if need > self.max_length:
+                raise ValueError(f"max_length: sample {rid!r} needs {need} tokens to keep its images and reach its "
+                                 f"first answer, max_length is {self.max_length}")
             ids, labels = ids[:self.max_length], labels[:self.max_length]
         return {"id": rid, "input_ids": torch.tensor(ids, dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long), "query_index": q, "image_start": start,
+                "labels": torch.tensor(labels, dtype=torch.long), "query_index": q,
+                "image_start": starts[0] if starts else None, "image_starts": starts,
                 "questions": [t.replace(IMAGE_TAG, "").strip() for r, t in self.turns[i] if r == "USER"],
                 "answers": [t for r, t in self.turns[i] if r == "ASSISTANT"]}
 
     def __getitem__(self, i: int) -> dict:
         sample = self.encode(i)
-        sample["pixel_values"] = _pixels(self.image_processor, self.load_image(i)).float()
+        pixels = [_pixels(self.image_processor, image).float() for image in self.load_images(i)]
+        if len(pixels) == 1:
+            sample["pixel_values"] = pixels[0]
+        elif pixels:
+            sample["pixel_values"] = torch.stack(pixels)
         return sample
 
     def references(self) -> list[str]:
@@ -608,10 +660,11 @@ def collate(batch: Sequence[dict], pad_id: int, padding_side: str = "right",
     ``mm_token_type_ids`` int64 [B, L] (0 on padding; when the samples have them), the visual
     inputs, ``query_index`` int64 [B] (shifted by each row's left padding). Visual inputs
     (:data:`MEDIA_KEYS`) are concatenated in row order over the samples that have them, as the
-    processors batch them: LLaVA's ``pixel_values`` [3, H, W] per sample gives float32 [B, 3, H,
-    W]; a Qwen-VL sample's patches [P, C] and ``image_grid_thw`` [n, 3] give [sum P, C] and
-    [sum n, 3]; text-only samples add nothing. Use ``functools.partial(collate, pad_id=...)`` as a
-    DataLoader ``collate_fn``."""
+    processors batch them: LLaVA's ``pixel_values`` [3, H, W] (one image) or [n, 3, H, W] (several)
+    per sample give float32 [sum n, 3, H, W], the images in prompt order; a Qwen-VL sample's
+    patches [P, C] and ``image_grid_thw`` [n, 3] give [sum P, C] and [sum n, 3]; text-only samples
+    add nothing (a batch without images has no ``pixel_values``). Use
+    ``functools.partial(collate, pad_id=...)`` as a DataLoader ``collate_fn``."""
     if not batch:
         raise ValueError("batch: empty")
     if padding_side not in ("left", "right"):
@@ -667,6 +720,15 @@ def prompt_only(sample: dict) -> dict:
                              f"first prompt alone does not hold every visual input")
         out["mm_token_type_ids"] = types[:q + 1]
     out.update({key: sample[key] for key in MEDIA_KEYS if sample.get(key) is not None})
+    starts = sample.get("image_starts")
+    if starts is not None and sum(s <= q for s in starts) < len(starts):
+        # A LLaVA sample whose later turns show more images: the first prompt keeps its own.
+        n = sum(s <= q for s in starts)
+        pixels = torch.as_tensor(sample["pixel_values"])
+        pixels = pixels[None] if pixels.dim() == 3 else pixels
+        del out["pixel_values"]
+        if n:
+            out["pixel_values"] = pixels[:n]
     return {**out, "query_index": q, "answer": sample["answers"][0]}
 
 

@@ -442,6 +442,186 @@ def test_unknown_words_warn_with_their_fraction(tok, records, images):
         LlavaConversationDataset(other, [images[0]], again, None, again.convert_tokens_to_ids("<image>"))
 
 
+# --------------------------------------------------------------------------- LLaVA: text-only and multi-image samples
+
+def _conv(*values):
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]
+
+
+def _question(record, turn=0):
+    return record["conversations"][2 * turn]["value"].replace("<image>\n", "")
+
+
+def _answer(record, turn=0):
+    return record["conversations"][2 * turn + 1]["value"]
+
+
+def _mixed_llava(records):
+    """A text-only sample (no "image" key, no tag), a one-image sample, two images in one turn
+    (kept in place), and two images in different turns (the second after the first answer)."""
+    a, b, c = records[0], records[1], records[2]
+    return [
+        {"id": "text", "conversations": _conv(_question(a), _answer(a))},
+        b,
+        {"id": "pair", "image": [a["image"], c["image"]],
+         "conversations": _conv(f"<image> {_question(a)} <image>", _answer(a))},
+        {"id": "later", "image": [c["image"], b["image"]],
+         "conversations": _conv(f"{_question(c)} <image>", _answer(c), f"<image>\n{_question(b)}", _answer(b))},
+    ]
+
+
+@pytest.fixture(scope="module")
+def mixed_ds(records, images, tok):
+    by_name = {r["image"]: im for r, im in zip(records, images)}
+    return LlavaConversationDataset(_mixed_llava(records), by_name, tok, None, 1023)
+
+
+def _words(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_llava_text_only_and_multi_image_samples(mixed_ds, ds, records, images, tok, tmp_path):
+    clip = ClipImageProcessor()
+    text, one, pair, later = (mixed_ds[i] for i in range(4))
+    colon = tok.convert_tokens_to_ids(":")
+    # text-only: no placeholder, no pixels; the LLaVA-1.5 text and answer-only labels as always
+    assert "pixel_values" not in text and text["image_start"] is None and text["image_starts"] == []
+    assert text["input_ids"].tolist() == tok(f"USER: {_question(records[0])} ASSISTANT: {_answer(records[0])}</s>"
+                                             )["input_ids"]
+    assert text["labels"][text["labels"] != IGNORE_INDEX].tolist() == _answer_ids(tok, _answer(records[0]))
+    assert text["input_ids"][text["query_index"]] == colon
+    # a one-image sample among them is the sample it is alone (byte for byte)
+    for key in ("input_ids", "labels", "pixel_values"):
+        assert torch.equal(one[key], ds[1][key]) and one[key].dtype == ds[1][key].dtype
+    assert (one["query_index"], one["image_start"], one["image_starts"]) == \
+        (ds[1]["query_index"], ds[1]["image_start"], [ds[1]["image_start"]])
+    # two images in one turn stay where they are written, each N_IMG placeholders
+    ids, (s0, s1) = pair["input_ids"], pair["image_starts"]
+    assert (ids == 1023).sum() == 2 * N_IMG and pair["image_start"] == s0
+    assert (ids[s0:s0 + N_IMG] == 1023).all() and (ids[s1:s1 + N_IMG] == 1023).all()
+    assert ids[:s0].tolist() == [tok.bos_token_id] + _words(tok, "USER:")
+    assert ids[s0 + N_IMG:s1].tolist() == _words(tok, _question(records[0]))
+    assert ids[s1 + N_IMG:pair["query_index"] + 1].tolist() == _words(tok, "ASSISTANT:")
+    assert pair["pixel_values"].shape == (2, 3, 336, 336) and pair["pixel_values"].dtype == torch.float32
+    assert torch.equal(pair["pixel_values"][0], clip(images[0]))
+    assert torch.equal(pair["pixel_values"][1], clip(images[2]))
+    # one tag per turn moves to the turn's front (LLaVA's rule); the second image after the first answer
+    ids, (s0, s1) = later["input_ids"], later["image_starts"]
+    assert s0 < later["query_index"] < s1 and (ids == 1023).sum() == 2 * N_IMG
+    assert ids[s0 + N_IMG:s0 + N_IMG + 3].tolist() == _words(tok, _question(records[2]))[:3]
+    runs = later["labels"][later["labels"] != IGNORE_INDEX].tolist()
+    assert runs == _answer_ids(tok, _answer(records[2])) + _answer_ids(tok, _answer(records[1]))
+    assert torch.equal(later["pixel_values"][1], clip(images[1]))
+    assert later["questions"] == [_question(records[2]), _question(records[1])]
+    # the same records from an image folder
+    S.save_dataset(records[:3], tmp_path)
+    disk = LlavaConversationDataset(_mixed_llava(records), tmp_path, tok, None, 1023)
+    for i in range(4):
+        for key in ("input_ids", "labels", "pixel_values"):
+            assert (key in disk[i]) == (key in mixed_ds[i]) and (key not in disk[i] or torch.equal(disk[i][key],
+                                                                                                 mixed_ds[i][key]))
+    # an aligned sequence: an image, a list of images, or None per record
+    seq = LlavaConversationDataset(_mixed_llava(records), [None, images[1], [images[0], images[2]],
+                                                           (images[2], images[1])], tok, None, 1023)
+    assert "pixel_values" not in seq[0] and torch.equal(seq[2]["pixel_values"], pair["pixel_values"])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_llava_mixed_collate_and_prompts(mixed_ds, tok, side):
+    samples = [mixed_ds[i] for i in range(4)]
+    b = collate(samples, pad_id=tok.pad_token_id, padding_side=side)
+    assert list(b) == ["input_ids", "attention_mask", "labels", "pixel_values", "query_index"]
+    # every row's images, in row order: what the LLaVA forward consumes placeholder block by block
+    expected = torch.cat([samples[1]["pixel_values"][None], samples[2]["pixel_values"], samples[3]["pixel_values"]])
+    assert torch.equal(b["pixel_values"], expected)
+    assert ((b["input_ids"] == 1023).sum(1) == torch.tensor([0, 1, 2, 2]) * N_IMG).all()
+    L = b["input_ids"].shape[1]
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        real = slice(L - n, L) if side == "left" else slice(0, n)
+        assert b["input_ids"][i, real].tolist() == s["input_ids"].tolist()
+        assert b["labels"][i, real].tolist() == s["labels"].tolist()
+        assert b["input_ids"][i, b["query_index"][i]] == tok.convert_tokens_to_ids(":")
+    # prompts: the first prompt of "later" keeps only its first image
+    p = prompt_only(samples[3])
+    assert (p["input_ids"] == 1023).sum() == N_IMG and torch.equal(p["pixel_values"], samples[3]["pixel_values"][:1])
+    assert prompt_only(samples[2])["pixel_values"] is samples[2]["pixel_values"]
+    assert "pixel_values" not in prompt_only(samples[0])
+    prompts, answers = collate_prompts(samples, pad_id=tok.pad_token_id)
+    assert answers == mixed_ds.references()
+    assert prompts["pixel_values"].shape[0] == (prompts["input_ids"] == 1023).sum() // N_IMG == 4
+    only_text = collate([samples[0]], pad_id=tok.pad_token_id)
+    assert "pixel_values" not in only_text
+
+
+def test_llava_multi_image_bad_inputs_raise(records, images, tok, tmp_path):
+    a, b = records[0], records[1]
+    by_name = {r["image"]: im for r, im in zip(records, images)}
+    cases = [
+        ({"id": "t", "conversations": _conv("<image>\nWhat?", "red")}, "'t' has 1 <image> tags for 0 image"),
+        ({"id": "p", "image": [a["image"], b["image"]], "conversations": _conv("<image>\nWhat?", "red")},
+         "'p' has 1 <image> tags for 2 image"),
+        ({"id": "q", "image": a["image"], "conversations": _conv("<image> What?", "<image> red")}, "in an answer"),
+        ({"id": "v", "video": "clip", "conversations": _conv("What?", "red")}, "images only"),
+        ({"id": "e", "image": [], "conversations": _conv("What?", "red")}, "'image' must be"),
+    ]
+    for record, needle in cases:
+        with pytest.raises(ValueError, match="json_path_or_records") as err:
+            LlavaConversationDataset([record], by_name, tok, None, 1023)
+        assert needle in str(err.value)
+    S.save_dataset(records[:1], tmp_path)
+    missing = {"id": "m", "image": [a["image"], "nope.png"], "conversations": _conv("<image> <image> What?", "red")}
+    with pytest.raises(ValueError, match=r"image_folder_or_images: sample 'm': image 'nope\.png' not found"):
+        LlavaConversationDataset([missing], tmp_path, tok, None, 1023)
+    with pytest.raises(ValueError, match=r"image_folder_or_images: sample 'm': image 'nope\.png' is not in"):
+        LlavaConversationDataset([missing], by_name, tok, None, 1023)
+    with pytest.raises(ValueError, match=r"json_path_or_records: sample 'p' has 1 <image> tags for 2 image"):
+        LlavaConversationDataset([dict(a, id="p")], [[images[0], images[1]]], tok, None, 1023)
+    # truncation may not cut through an image, even one after the first answer
+    later = _mixed_llava(records)[3]
+    full = LlavaConversationDataset([later], by_name, tok, None, 1023, max_length=None).encode(0)
+    need = full["image_starts"][1] + N_IMG
+    ok = LlavaConversationDataset([later], by_name, tok, None, 1023, max_length=need).encode(0)
+    assert torch.equal(ok["input_ids"], full["input_ids"][:need])
+    with pytest.raises(ValueError, match=f"max_length: sample 'later' needs {need} tokens to keep its images"):
+        LlavaConversationDataset([later], by_name, tok, None, 1023, max_length=need - 1).encode(0)
+    with pytest.raises(ValueError, match="sample 0 has 2 images, not one"):
+        LlavaConversationDataset(_mixed_llava(records)[2:], by_name, tok, None, 1023).load_image(0)
+
+
+def test_epic_step_mixed_llava_batch_rows_equal_rows_alone(records, tok):
+    """The EPIC step (shared prefix, DART student and teacher, SFT + KL) on a batch of a text-only
+    row, a one-image row and two two-image rows: each row's loss terms in the batch (the other
+    rows' labels ignored, the batch's normaliser) equal the row's terms alone."""
+    from epic_ext.models.tiny import build_tiny_llava
+    from epic_ext.train.schedules import Setting, StepPlan
+    from epic_ext.train.step import epic_forward
+    model = build_tiny_llava("tiny", seed=5, image_size=56)           # 16 tokens an image keeps it fast
+    by_name = {r["image"]: im for r, im in zip(records[:3], S.render_images(records[:3], 56))}
+    mixed = LlavaConversationDataset(_mixed_llava(records), by_name, tok, ClipImageProcessor(56), 1023,
+                                     image_tokens=16)
+    samples = [mixed[i] for i in range(4)]
+    batch = collate(samples, pad_id=tok.pad_token_id)
+    assert batch["pixel_values"].shape == (5, 3, 56, 56)
+    plan = StepPlan(student=Setting(0.75, 2), teacher=Setting(0.25, 3), kl_weight=0.5, temperature=2.0)
+    with torch.no_grad():
+        whole = epic_forward(model, batch, plan)
+        total = whole.answer_tokens
+        parts = []
+        for i, s in enumerate(samples):
+            labels = torch.full_like(batch["labels"], IGNORE_INDEX)
+            labels[i] = batch["labels"][i]
+            in_batch = epic_forward(model, {**batch, "labels": labels}, plan, normalizer=total)
+            alone = epic_forward(model, collate([s], pad_id=tok.pad_token_id), plan, normalizer=total)
+            assert in_batch.answer_tokens == alone.answer_tokens > 0
+            for key in ("sft", "kl"):
+                torch.testing.assert_close(getattr(in_batch, key), getattr(alone, key), rtol=1e-4, atol=1e-6,
+                                           msg=f"row {i} {key}")
+            parts.append(alone)
+    assert all(p.kl > 0 for p in parts[1:])                       # the teacher differs on image rows
+    torch.testing.assert_close(sum(p.loss for p in parts), whole.loss, rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- LLaVA-OneVision format
 
 def _ov(conv, **keys):
