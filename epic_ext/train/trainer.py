@@ -38,6 +38,12 @@ class EpicModule(torch.nn.Module):
         super().__init__()
         self.model = model
         self.method, self.method_options = method, method_options
+        # accelerate's FSDP transformer wrap policy, when its config names no layer classes, shards
+        # the prepared module's _no_split_modules (each family's decoder layers and vision blocks);
+        # only those this model has: accelerate rejects a name it cannot find (LLaVA's list
+        # includes CLIP text-side classes).
+        present = {type(m).__name__ for m in model.modules()}
+        self._no_split_modules = sorted(n for n in getattr(model, "_no_split_modules", None) or () if n in present)
 
     def forward(self, batch: dict, plan, normalizer: float):
         out = epic_forward(self.model, batch, plan, method=self.method, method_options=self.method_options,

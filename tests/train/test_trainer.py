@@ -152,3 +152,109 @@ def test_dataset_images_follow_the_vision_tower_size():
     cfg = TrainConfig.from_dict({**BASE, "data": {"synthetic": {"n": 2, "seed": 0}}})
     ds = load_dataset(cfg, tok, SimpleNamespace(config=config))
     assert tuple(ds[0]["pixel_values"].shape) == (3, 56, 56)
+
+
+def _mixed_llava_json(folder: Path, n: int = 8) -> Path:
+    """LLaVA conversation JSON mixing text-only samples (no "image" key), one-image samples and
+    two-image samples (one <image> each), with the images written next to it."""
+    from epic_ext.train import synthetic as S
+    records = S.generate(n, seed=4)
+    S.save_dataset(records, folder)
+    mixed = []
+    for i, r in enumerate(records):
+        conv = [dict(t) for t in r["conversations"]]
+        if i % 3 == 0:                                  # text-only
+            conv[0]["value"] = conv[0]["value"].replace("<image>\n", "")
+            mixed.append({"id": r["id"], "conversations": conv})
+        elif i % 3 == 1:                                # two images, both tags in place
+            conv[0]["value"] = "<image> <image> " + conv[0]["value"].replace("<image>\n", "")
+            mixed.append({"id": r["id"], "image": [r["image"], records[(i + 1) % n]["image"]], "conversations": conv})
+        else:
+            mixed.append(r)
+    path = folder / "mixed.json"
+    path.write_text(json.dumps(mixed))
+    return path
+
+
+def test_trains_on_mixed_llava_json(tmp_path):
+    """The demo model trains with TCD on LLaVA JSON whose batches mix text-only, one-image and
+    two-image samples (LLaVA-1.5's mix665k has text-only conversations)."""
+    import math
+
+    from epic_ext.models.tiny import build_tiny_llava
+    path = _mixed_llava_json(tmp_path / "data")
+    # the demo model at 56 px (16 tokens an image) keeps the run to seconds; images are prepared
+    # at the tower's size
+    build_tiny_llava("demo", seed=1, image_size=56).save_pretrained(tmp_path / "init")
+    result = train(_run(tmp_path, "mixed", model="demo", init_from=str(tmp_path / "init"), steps=3, batch_size=4,
+                        data={"json": str(path), "images": str(tmp_path / "data")}, save_every=0))
+    assert [h["step"] for h in result.history] == [1, 2, 3]
+    assert all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in result.history)
+    from epic_ext.train.trainer import batch_indices
+    batches = [{i % 3 for i in batch_indices(8, 4, step, BASE["seed"])} for step in range(3)]
+    assert any(kinds == {0, 1, 2} for kinds in batches)       # a batch with all three kinds of sample
+    assert (tmp_path / "mixed" / "final" / "model.safetensors").exists()
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "epic_ext" / "train" / "configs"
+
+
+@pytest.mark.parametrize("name,folder", [("tcd_llava15_7b.yaml", "llava-1.5-7b"),
+                                         ("tcd_qwen25vl_7b.yaml", "Qwen2.5-VL-7B-Instruct")])
+def test_7b_configs_pass_the_checker(tmp_path, name, folder):
+    """The shipped 7B configs pass the config checker once their model and data paths exist, and
+    set what a 7B run needs (bf16 weights and compute, gradient checkpointing, a frozen vision
+    tower, an in-LLM method, a global batch of 128)."""
+    from epic_ext.train.config import read_config_file
+    raw = read_config_file(CONFIGS / name)
+    assert set(raw) == set(read_config_file(CONFIGS / "tcd_llava15_7b.yaml"))
+    assert folder in raw["model"]
+    (tmp_path / "model").mkdir()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "data.json").write_text("[]")
+    cfg = TrainConfig.from_dict({**raw, "model": str(tmp_path / "model"),
+                                 "data": {"json": str(tmp_path / "data.json"), "images": str(tmp_path / "images")}})
+    assert (cfg.dtype, cfg.bf16, cfg.gradient_checkpointing, cfg.vision_lr) == ("bfloat16", True, True, 0.0)
+    assert cfg.schedule == "tcd" and cfg.method in ("dart", "fastv") and cfg.batch_size == 128
+    assert set(raw["data"]) == {"json", "images"}
+
+
+def test_accelerate_configs_shard_every_family():
+    """accelerate_fsdp.yaml names no layer classes, so accelerate's transformer wrap policy takes
+    EpicModule._no_split_modules: every decoder layer and vision block of each family gets its own
+    FSDP unit (a fixed class list fails on the other families: accelerate raises on a class the
+    model lacks). accelerate_zero3.yaml: DeepSpeed ZeRO-3."""
+    from collections import Counter
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from epic_ext.models.tiny import build_tiny_llava
+    from epic_ext.models.tiny_qwen import build_tiny_qwen
+    from epic_ext.train.trainer import EpicModule
+    fsdp = yaml.safe_load((CONFIGS / "accelerate_fsdp.yaml").read_text())
+    zero3 = yaml.safe_load((CONFIGS / "accelerate_zero3.yaml").read_text())
+    assert (zero3["distributed_type"], zero3["deepspeed_config"]["zero_stage"]) == ("DEEPSPEED", 3)
+    opts = fsdp["fsdp_config"]
+    assert fsdp["distributed_type"] == "FSDP" and opts["fsdp_version"] == 2
+    assert opts["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert "fsdp_transformer_layer_cls_to_wrap" not in opts
+    for key in ("mixed_precision", "num_processes", "num_machines"):
+        assert fsdp[key] == zero3[key]
+    # what accelerate launch hands the plugin from this file (its fsdp_* keys as FSDP_* settings)
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=opts["fsdp_version"], auto_wrap_policy=opts["fsdp_auto_wrap_policy"],
+        transformer_cls_names_to_wrap=opts.get("fsdp_transformer_layer_cls_to_wrap"))
+    expected = {"llava": {"LlamaDecoderLayer": 4, "CLIPEncoderLayer": 4, "CLIPVisionEmbeddings": 1},
+                "qwen2_vl": {"Qwen2VLDecoderLayer": 4, "Qwen2VLVisionBlock": 4},
+                "qwen2_5_vl": {"Qwen2_5_VLDecoderLayer": 4, "Qwen2_5_VLVisionBlock": 4},
+                "qwen3_vl": {"Qwen3VLTextDecoderLayer": 4, "Qwen3VLVisionBlock": 4}}
+    for family, counts in expected.items():
+        model = build_tiny_llava("tiny") if family == "llava" else build_tiny_qwen(family)
+        module = EpicModule(model, "dart", {})
+        policy = fsdp2_prepare_auto_wrap_policy(plugin, module)
+        assert Counter(type(m).__name__ for m in module.modules() if policy(m)) == counts, family
+    fixed = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="TRANSFORMER_BASED_WRAP",
+                                           transformer_cls_names_to_wrap=["LlamaDecoderLayer", "CLIPEncoderLayer"])
+    with pytest.raises(ValueError, match="LlamaDecoderLayer"):
+        fsdp2_prepare_auto_wrap_policy(fixed, EpicModule(build_tiny_qwen("qwen2_5_vl"), "dart", {}))
