@@ -70,10 +70,12 @@ def normalize_turns(record: dict, where: str = "json_path_or_records", num_image
     turn and ending with an answer, one ``<image>`` tag per image, in human turns (none for a
     text-only sample). As LLaVA-NeXT's ``preprocess_multimodal`` (LLaVA-1.5's for one image): a
     turn with one tag has it moved to its front as ``<image>\\n``; a turn with several keeps them
-    in place (interleaved text refers to them in order). ``num_images``: the sample's image count;
-    None: the record's ``"image"`` key (a path or a list of paths), or its tags when it has none."""
+    in place (interleaved text refers to them in order). As LLaVA's training code, leading answer
+    turns are skipped, and so is a last question without an answer (it supervises nothing).
+    ``num_images``: the sample's image count; None: the record's ``"image"`` key (a path or a list
+    of paths), or its tags when it has none."""
     rid = record.get("id", "?") if isinstance(record, dict) else "?"
-    turns = _checked_turns(record, where)
+    turns = _checked_turns(_answered_turns(record), where)
     tags = sum(t.count(IMAGE_TAG) for _, t in turns)
     if num_images is None:
         num_images = len(sample_media(record, where)[0]) if record.get("image") is not None else tags
@@ -88,6 +90,27 @@ def normalize_turns(record: dict, where: str = "json_path_or_records", num_image
             text = IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()
         out.append((role, text.strip()))
     return out
+
+
+def _answered_turns(record):
+    """``record`` without leading answer turns (LLaVA's ``preprocess`` skips them; some ShareGPT
+    conversations of mix665k start with one) and without a last question that has no answer; a
+    conversation that would be left without an answer is returned as is (its check then says
+    why)."""
+    conv = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(conv, list):
+        return record
+
+    def role(msg):
+        return _ROLES.get(str(msg.get("from", msg.get("role", ""))).lower()) if isinstance(msg, dict) else None
+    start, end = 0, len(conv)
+    while start < end and role(conv[start]) == "ASSISTANT":
+        start += 1
+    if end - start > 1 and role(conv[end - 1]) == "USER":
+        end -= 1
+    if end - start < 2 or (start, end) == (0, len(conv)):
+        return record
+    return {**record, "conversations": conv[start:end]}
 
 
 def _checked_turns(record: dict, where: str) -> list[tuple[str, str]]:

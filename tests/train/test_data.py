@@ -589,6 +589,24 @@ def test_llava_multi_image_bad_inputs_raise(records, images, tok, tmp_path):
         LlavaConversationDataset(_mixed_llava(records)[2:], by_name, tok, None, 1023).load_image(0)
 
 
+def test_llava_turns_trimmed_as_llava_trains(records, images, tok):
+    """As LLaVA's preprocess: a conversation's leading answer turns are skipped (some ShareGPT
+    samples of mix665k start with one), and a last question without an answer, which supervises
+    nothing, goes too; a conversation left without an answer still raises."""
+    a = records[0]
+    clean = [dict(a, conversations=_conv(f"<image>\n{_question(a)}", _answer(a))), _mixed_llava(records)[0]]
+    messy = [dict(r, conversations=[{"from": "gpt", "value": "red"}] + r["conversations"] +
+                  [{"from": "human", "value": "How many circles are there?"}]) for r in clean]
+    want = LlavaConversationDataset(clean, [images[0], None], tok, None, 1023)
+    got = LlavaConversationDataset(messy, [images[0], None], tok, None, 1023)
+    for i in range(2):
+        assert torch.equal(got.encode(i)["input_ids"], want.encode(i)["input_ids"])
+        assert torch.equal(got.encode(i)["labels"], want.encode(i)["labels"])
+    for conv in (_conv("What?"), [{"from": "gpt", "value": "red"}, {"from": "human", "value": "What?"}]):
+        with pytest.raises(ValueError, match="json_path_or_records"):
+            LlavaConversationDataset([{"id": "x", "conversations": conv}], [None], tok, None, 1023)
+
+
 def test_epic_step_mixed_llava_batch_rows_equal_rows_alone(records, tok):
     """The EPIC step (shared prefix, DART student and teacher, SFT + KL) on a batch of a text-only
     row, a one-image row and two two-image rows: each row's loss terms in the batch (the other
