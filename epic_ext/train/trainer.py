@@ -91,7 +91,8 @@ def load_tokenizer(cfg: TrainConfig, model):
 
 def load_dataset(cfg: TrainConfig, tokenizer, model):
     from ..models.loading import QWEN_VL_TYPES
-    from .data import ClipImageProcessor, LlavaConversationDataset, ProcessorConversationDataset
+    from .data import ClipImageProcessor, LlavaConversationDataset
+    from .onevision import ProcessorConversationDataset
     if getattr(model.config, "model_type", "llava") in QWEN_VL_TYPES:
         # tokenizer is the family's processor: it encodes text, images and videos together
         if "synthetic" in cfg.data:

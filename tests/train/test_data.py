@@ -648,7 +648,7 @@ def _ov(conv, **keys):
 
 
 def test_onevision_turns_place_every_image_and_video():
-    from epic_ext.train.data import media_turns
+    from epic_ext.train.onevision import media_turns
     # one tag per image, in place (interleaved with the text), in any human turn
     assert media_turns(_ov(["<image> left or <image> ?", "left", "and <image>?", "no"],
                            image=["a.png", "b.png", "c.png"])) == [
@@ -677,7 +677,7 @@ def test_onevision_turns_place_every_image_and_video():
     (_ov(["what ?"], image="a.png"), "nothing to supervise"),
 ])
 def test_onevision_bad_records_raise(record, needle):
-    from epic_ext.train.data import media_turns
+    from epic_ext.train.onevision import media_turns
     with pytest.raises(ValueError, match="json_path_or_records") as err:
         media_turns(record)
     assert needle in str(err.value)
@@ -705,7 +705,7 @@ QWEN_RECORDS = [
 def qwen_ds():
     pytest.importorskip("torchvision", reason="transformers' Qwen-VL processors need torchvision")
     from epic_ext.models import tiny_qwen as tq
-    from epic_ext.train.data import ProcessorConversationDataset
+    from epic_ext.train.onevision import ProcessorConversationDataset
     return ProcessorConversationDataset(QWEN_RECORDS, _qwen_media(), tq.tiny_qwen_processor("qwen2_5_vl"))
 
 
@@ -757,7 +757,7 @@ def test_qwen_collate_rows_match_each_row_alone(qwen_ds, side):
 def test_qwen_media_from_a_folder(tmp_path, qwen_ds):
     from PIL import Image
 
-    from epic_ext.train.data import ProcessorConversationDataset
+    from epic_ext.train.onevision import ProcessorConversationDataset
     media = _qwen_media()
     for name in ("a.png", "b.png"):
         Image.fromarray(media[name]).save(tmp_path / name)
@@ -779,7 +779,7 @@ def test_qwen_media_from_a_folder(tmp_path, qwen_ds):
 
 
 def test_qwen_bad_media_and_lengths_raise(tmp_path, qwen_ds):
-    from epic_ext.train.data import ProcessorConversationDataset
+    from epic_ext.train.onevision import ProcessorConversationDataset
     proc, media = qwen_ds.processor, _qwen_media()
     missing = [_ov(["what ?", "a"], image="nope.png")]
     with pytest.raises(ValueError, match=r"media: sample 's': 'nope.png' not found"):
@@ -823,7 +823,7 @@ def test_qwen_prompt_only(qwen_ds):
 def test_qwen_unknown_words_warn(qwen_ds):
     import warnings
 
-    from epic_ext.train.data import ProcessorConversationDataset
+    from epic_ext.train.onevision import ProcessorConversationDataset
     with warnings.catch_warnings():
         warnings.simplefilter("error")           # every word of QWEN_RECORDS is in the tiny vocabulary
         ProcessorConversationDataset(QWEN_RECORDS, _qwen_media(), qwen_ds.processor)

@@ -14,7 +14,8 @@ pytest.importorskip("torchvision", reason="transformers' Qwen-VL processors need
 
 from epic_ext.models import apply, revert  # noqa: E402
 from epic_ext.models import tiny_qwen as tq  # noqa: E402
-from epic_ext.train.data import ProcessorConversationDataset, collate  # noqa: E402
+from epic_ext.train.data import collate  # noqa: E402
+from epic_ext.train.onevision import ProcessorConversationDataset  # noqa: E402
 from epic_ext.train.schedules import Setting, StepPlan  # noqa: E402
 from epic_ext.train.step import epic_forward  # noqa: E402
 
