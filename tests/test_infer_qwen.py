@@ -261,7 +261,7 @@ def _cli_json(capsys, argv):
 
 
 def test_cli_round_trip_two_images_and_a_video(saved, capsys):
-    from epic_ext.cli import group_requests, qwen_inputs
+    from epic_ext.cli_infer import group_requests, qwen_inputs
     from epic_ext.models.loading import load_model, load_processor
     model_dir = saved / "model"
     argv = ["--model", model_dir, "--image", saved / "a.png", "--image", saved / "b.png", "--prompt",
