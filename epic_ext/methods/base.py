@@ -95,6 +95,8 @@ class VisionUnitsContext:
     keys: Tensor                     # [S, N, dk] fp32 that layer's keys, mean over heads and merged patches
     grid: tuple[int, int]            # (h, w) merged-token grid of the units
     kind: str = "image"              # "image" or "video" (a frame group)
+    head_keys: Optional[Tensor] = None   # [S, N, H dk] fp32 the same keys with the heads side by side (PruMerge+)
+    patches: Optional[int] = None        # patches per merged token (m x m): received / (patches N) = query mean
 
     @property
     def num_units(self) -> int:

@@ -30,6 +30,44 @@ Output layout, [B, S + 1, Dv] with a validity mask: kept tokens (score order), P
 tokens, the extra token at position total[b], zero padding after it. S is fixed from N and the
 cap alone (``max_k``, default N) so nothing syncs with the host; PruMerge with ``keep`` set has
 exactly keep + 1 tokens and no mask.
+
+PruMerge+ on encoders without [CLS] (Qwen2-VL / 2.5-VL / 3-VL, a ``VisionUnitsContext`` per group
+of images or video frame groups) follows its one published Qwen port, EffiVLM-Bench's
+``qwen2vl_vision_tower_forward_prumerge_plus``, which differs from the LLaVA rule above:
+
+* Score ("cls_attn"): the ranking block's softmax attention pooled 4x4 onto the merged tokens,
+  averaged over heads and queries, i.e. the received attention / (m x m patches * N).
+  Block: the port's ``blocks[-2]`` on Qwen2-VL (the same block VisionZip ranks with there, so no
+  per-method choice); no port exists for Qwen2.5-VL / Qwen3-VL, whose blocks[-2] is a windowed
+  block on Qwen2.5-VL: VisionZip's block is used (the last full-attention block; Qwen3-VL's last).
+* Budget: exactly ``max(int(keep * N), 1)`` tokens per unit (the port's truncation, not the
+  round-half-up of the other methods), or a count (at most N; 0 keeps 1, the port's floor).
+  ``keep`` is required (the port always has one): None raises ``ValueError: keep``; so does
+  ``layer`` (the block is fixed), and ``max_k`` (adaptive budgets only) cannot be given.
+  IQR: outliers strictly above Q3 + whisker IQR of the unit's scores (the port's numpy linear
+  percentiles = torch.quantile's), iqr = max(int(N * (outliers / N)), 1) in float64
+  (e.g. N = 49 with 2 outliers gives 1). budget <= iqr: the top ``budget`` by score; else the top
+  ``iqr`` plus ``arange(0, N, max(1, N // budget))`` without them, ascending, cut to the budget
+  (that grid holds >= budget indices, so the budget is always met: the port's random top-up never
+  runs). No extra token. Score ties (torch.topk's order is unspecified): the lower index first.
+* Merge: each kept token += sum of score_j * x_j over its ``neighbors`` (32) most cosine-similar
+  other tokens (all N - 1 others, kept or not, when fewer; none when N = 1, where the port's code
+  fails), by that block's keys with the heads SIDE BY SIDE (the port's ``k.view(T, H d)``, unlike
+  VisionZip's head mean), averaged over the merged patches; x: the merged (LLM-input) embeddings,
+  not the updated ones; the sum in fp32, rounded to the model dtype once.
+* Positions: every kept token at its own original M-RoPE position with its own DeepStack rows. The
+  port writes the merged features in selection order (score, then grid) into the ascending
+  positions, so a token lands on another's position whenever that order is not ascending: read as
+  a defect, not reproduced.
+* Readings where the port is silent or batch-1 only: the port pools one attention matrix and one
+  fence over every image of a prompt (its scores divided by the prompt's patch count; it handles
+  one image in practice); here each image and each video frame group is a unit with its own
+  fence, score scale and budget (the same for a single image), and ``pooled`` applies to LLaVA
+  only. The port does not reduce videos; frame groups are units as for the other methods.
+
+Plain PruMerge has no Qwen rule: its adaptive count varies per unit (a fixed-width selection
+cannot hold it without reading the counts back) and its extra token has no position; ``apply``
+rejects it on Qwen-VL.
 """
 from __future__ import annotations
 
@@ -45,7 +83,7 @@ from torch import Tensor
 from .. import ops
 from ..reference import MERGE_WEIGHTED
 from . import register_method
-from .base import MethodConfig, VisionContext, VisionReduction
+from .base import LLMSelection, MethodConfig, VisionContext, VisionReduction, VisionUnitsContext, take_rows
 from .trim import check_iqr_options, check_keep, resolve_cap, resolve_keep
 
 
@@ -54,7 +92,8 @@ class PruMergeConfig(MethodConfig):
     """Options of PruMerge / PruMerge+.
 
     keep: None (default) = the adaptive IQR budget; an int count or a ratio of N = the top-keep
-        tokens by [CLS] attention (exact: keep + 1 output tokens for PruMerge).
+        tokens by [CLS] attention (exact: keep + 1 output tokens for PruMerge). PruMerge+ on
+        Qwen-VL: required, exactly max(int(keep * N), 1) tokens per unit (module notes).
     pooled: True (default, reference parity) = one IQR fence over the batch, floor(outliers / B)
         tokens per image; False = per image.
     whisker: IQR whisker of the upper fence (1.5).
@@ -129,6 +168,26 @@ def _gather_weighted(tokens: Tensor, idx: Tensor, counts: Tensor, weights: Tenso
                     MERGE_WEIGHTED, weights, False, differentiable=(tokens, weights))
 
 
+def neighbour_sums(x: Tensor, keys: Tensor, weights: Tensor, idx: Tensor, valid: Optional[Tensor],
+                   nb: int) -> Tensor:
+    """PruMerge's merge term of each kept token idx[b, s] of x [B, N, D]: sum of weights[b, j] *
+    x[b, j] over its ``nb`` nearest tokens j by cosine of ``keys`` [B, N, dk] (itself excluded,
+    kept or not); [B, S, D] fp32, zeros where ``valid`` is False. The sum is a [S, N] sparse-weight
+    matmul instead of a [S, nb, D] gather."""
+    b, n = x.shape[:2]
+    width = idx.shape[1]
+    kn = F.normalize(keys, dim=-1)
+    kq = kn.gather(1, idx[..., None].expand(-1, -1, kn.shape[-1]))
+    sim = torch.bmm(kq, kn.transpose(1, 2))
+    sim.scatter_(2, idx[..., None], float("-inf"))
+    nbr = sim.topk(nb, dim=2).indices
+    w = weights.gather(1, nbr.reshape(b, -1)).view(b, width, nb)
+    if valid is not None:
+        w = torch.where(valid[..., None], w, torch.zeros_like(w))
+    wmat = torch.zeros(b, width, n, dtype=torch.float32, device=x.device).scatter_(2, nbr, w)
+    return torch.bmm(wmat, x.float())
+
+
 def prumerge_select(ctx: VisionContext, cfg: PruMergeConfig, plus: bool = False) -> PruMergeResult:
     """PruMerge (plus=False) or PruMerge+ with the kept indices exposed."""
     x = ctx.features
@@ -181,19 +240,9 @@ def prumerge_select(ctx: VisionContext, cfg: PruMergeConfig, plus: bool = False)
     # Kept rows plus the weighted extra token at position total[b], in one pass over x.
     merged = _gather_weighted(x, safe, total, attn)
 
-    # Neighbour merge: cosine of normalised keys, self excluded, top `neighbors` over all tokens;
-    # the weighted sum is a [S, N] sparse-weight matmul instead of a [S, nb, Dv] gather.
     nb = min(int(cfg.neighbors), n - 1)
     if nb > 0 and width > 0:
-        kn = F.normalize(keys, dim=-1)
-        kq = kn.gather(1, safe[..., None].expand(-1, -1, kn.shape[-1]))
-        sim = torch.bmm(kq, kn.transpose(1, 2))
-        sim.scatter_(2, safe[..., None], float("-inf"))
-        nbr = sim.topk(nb, dim=2).indices
-        w = attn.gather(1, nbr.reshape(b, -1)).view(b, width, nb)
-        w = torch.where(valid[..., None], w, torch.zeros_like(w))
-        wmat = torch.zeros(b, width, n, dtype=torch.float32, device=dev).scatter_(2, nbr, w)
-        update = torch.bmm(wmat, x.float())
+        update = neighbour_sums(x, keys, attn, safe, valid, nb)
         head = (merged[:, :width].float() + update).to(x.dtype)
         merged = torch.cat([head, merged[:, width:]], dim=1)
 
@@ -204,13 +253,69 @@ def prumerge_select(ctx: VisionContext, cfg: PruMergeConfig, plus: bool = False)
     return PruMergeResult(merged, out_valid, idx, counts, total, attn)
 
 
+def unit_budget(keep, n: int) -> int:
+    """EffiVLM-Bench's budget of a unit of n tokens: max(int(keep * n), 1) for a ratio (Python
+    float product, truncated); a count as given (at least 1), at most n."""
+    if isinstance(keep, numbers.Integral):
+        if keep > n:
+            raise ValueError(f"keep: {keep} tokens is more than a visual unit of this batch holds ({n}; the budget "
+                             f"applies to each image and video frame group); give a ratio or a smaller count")
+        return max(int(keep), 1)
+    return max(int(float(keep) * n), 1)
+
+
+def prumerge_plus_units(ctx: VisionUnitsContext, cfg: PruMergeConfig) -> LLMSelection:
+    """PruMerge+ on merged tokens ranked by received attention (EffiVLM-Bench's Qwen2-VL rule, see
+    the module notes): exactly ``unit_budget`` tokens per unit, ascending, each carrying its merged
+    embedding."""
+    if cfg.keep is None:
+        raise ValueError("keep: PruMerge+ on an encoder without [CLS] (Qwen-VL) needs a budget (a ratio or a "
+                         "count per image / video frame group), as its published Qwen port has; got None")
+    if cfg.layer is not None:
+        raise ValueError(f"layer: on Qwen-VL the ranking vision block is fixed per family (EffiVLM-Bench / "
+                         f"VisionZip's), got layer={cfg.layer}")
+    if ctx.head_keys is None or ctx.patches is None:
+        raise ValueError("VisionUnitsContext: PruMerge+ needs head_keys and patches")
+    x = ctx.features
+    s, n, _ = x.shape
+    dev = x.device
+    budget = unit_budget(cfg.keep, n)
+    # EffiVLM's "cls_attn": the 4x4-pooled attention averaged over heads and the unit's queries =
+    # received (summed over the patch queries) / (patches per token * N).
+    attn = ctx.received / float(ctx.patches * n)
+    counts = ops.iqr_select(attn, float(cfg.whisker), pooled=False).counts
+    # iqr_token = max(int(N * (outliers / N)), 1) in float64, as the published Python float
+    # arithmetic (e.g. N = 49: int(49 * (2 / 49)) = 1).
+    iqr_tokens = torch.floor(counts.double() / n * n).long().clamp(min=1)
+    top = torch.clamp(iqr_tokens, max=budget)
+    ranked = torch.where(torch.isnan(attn), torch.full_like(attn, float("-inf")), attn)
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices      # ties: lower index first
+    pos = torch.arange(n, device=dev)
+    rank = torch.empty_like(order).scatter_(1, order, pos.expand(s, -1).contiguous())
+    in_top = rank < top[:, None]
+    # Evenly spaced fill of what the budget leaves: arange(0, N, max(1, N // budget)) without the
+    # top tokens, the first (budget - top) of them; the grid holds >= budget indices, so the fill
+    # always completes the budget.
+    grid = (pos % max(1, n // budget) == 0) & ~in_top
+    fill = grid & (grid.long().cumsum(dim=1) <= (budget - top)[:, None])
+    kept = in_top | fill
+    index = torch.sort(torch.where(kept, pos, pos + n), dim=1).values[:, :budget]
+    nb = min(int(cfg.neighbors), n - 1)
+    hidden = take_rows(x, index)
+    if nb > 0:
+        hidden = (hidden.float() + neighbour_sums(x, ctx.head_keys, attn, index, None, nb)).to(x.dtype)
+    return LLMSelection(index, hidden)
+
+
 @register_method("prumerge", "vision", PruMergeConfig)
 def prumerge(ctx: VisionContext, cfg: PruMergeConfig) -> VisionReduction:
     res = prumerge_select(ctx, cfg, plus=False)
     return VisionReduction(res.features, res.valid)
 
 
-@register_method("prumerge_plus", "vision", PruMergeConfig)
-def prumerge_plus(ctx: VisionContext, cfg: PruMergeConfig) -> VisionReduction:
+@register_method("prumerge_plus", "vision", PruMergeConfig, no_cls=True)
+def prumerge_plus(ctx, cfg: PruMergeConfig):
+    if isinstance(ctx, VisionUnitsContext):
+        return prumerge_plus_units(ctx, cfg)
     res = prumerge_select(ctx, cfg, plus=True)
     return VisionReduction(res.features, res.valid)

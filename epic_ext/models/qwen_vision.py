@@ -24,15 +24,16 @@ _VISION_CAPTURE = "epic_ext_vision_capture"
 _QUERY_CHUNK = 512
 
 
-def received_attention(q: Tensor, k: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def received_attention(q: Tensor, k: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """q, k [H, T, d] -> (attention each key receives: softmax rows averaged over heads, summed
-    over the T queries [T] fp32; keys averaged over heads [T, d] fp32)."""
+    over the T queries [T] fp32; keys averaged over heads [T, d] fp32; keys with the heads side
+    by side [T, H d] fp32, PruMerge+'s metric in EffiVLM-Bench's Qwen2-VL port)."""
     qf, kf = q.float(), k.float()
     got = torch.zeros(k.shape[1], dtype=torch.float32, device=k.device)
     for a in range(0, q.shape[1], _QUERY_CHUNK):
         p = (torch.matmul(qf[:, a:a + _QUERY_CHUNK], kf.transpose(1, 2)) * scale).softmax(dim=-1)
         got += p.mean(dim=0).sum(dim=0)
-    return got, kf.mean(dim=0)
+    return got, kf.mean(dim=0), kf.transpose(0, 1).reshape(k.shape[1], -1)
 
 
 def _capturing_vision_attention(module, query, key, value, attention_mask=None, **kwargs):
@@ -73,9 +74,10 @@ def _window_index(visual, grid: Tensor) -> Optional[Tensor]:
     return index
 
 
-def features_with_ranking(model, pixels: Tensor, grid: Tensor, kind: str):
+def features_with_ranking(model, pixels: Tensor, grid: Tensor, kind: str, head_keys: bool = False):
     """The tower's output for one media kind, plus per image / video the received attention
-    [n] and keys [n, d] of every merged token in raster order (frame groups one after another)."""
+    [n] and keys [n, d] of every merged token in raster order (frame groups one after another);
+    with ``head_keys`` also the keys with the heads side by side [n, H d] (a fourth list)."""
     visual = model.model.visual
     attn = visual.blocks[ranking_block(model)].attn
     store: list = []
@@ -88,13 +90,21 @@ def features_with_ranking(model, pixels: Tensor, grid: Tensor, kind: str):
         attn.config = attn.config._base
         del attn._epic_capture
     unit = visual.spatial_merge_size ** 2
-    received = torch.cat([r for r, _ in store])
-    keys = torch.cat([k for _, k in store])
+    received = torch.cat([r for r, _, _ in store])
+    keys = torch.cat([k for _, k, _ in store])
     received = received.view(-1, unit).mean(dim=1)
     keys = keys.view(-1, unit, keys.shape[-1]).mean(dim=1)
+    wide = None
+    if head_keys:
+        wide = torch.cat([w for _, _, w in store])
+        wide = wide.view(-1, unit, wide.shape[-1]).mean(dim=1)
     order = _window_index(visual, grid)
     if order is not None:                                       # window order -> raster order
         received = torch.empty_like(received).index_copy_(0, order.to(received.device), received)
         keys = torch.empty_like(keys).index_copy_(0, order.to(keys.device), keys)
+        if wide is not None:
+            wide = torch.empty_like(wide).index_copy_(0, order.to(wide.device), wide)
     sizes = (grid.prod(-1) // unit).tolist()
+    if head_keys:
+        return out, list(received.split(sizes)), list(keys.split(sizes)), list(wide.split(sizes))
     return out, list(received.split(sizes)), list(keys.split(sizes))

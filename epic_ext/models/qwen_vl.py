@@ -25,10 +25,10 @@ What is particular to the family, and how the shared forward gets it:
 
 Vision-stage methods rank against a [CLS] token this encoder does not have. The published Qwen
 ports rank by the attention each merged token receives in one full-attention vision block
-(``qwen_vision.py``); a method that implements that rule (``no_cls``: VisionZip) gets a
-``VisionUnitsContext`` per group of units and its selection is applied before the LLM with the
-original positions; the others (PruMerge, TRIM: no published Qwen port of theirs was found, and
-PruMerge+'s is EffiVLM-Bench's only) are rejected by ``apply`` with a clear error.
+(``qwen_vision.py``); a method that implements that rule (``no_cls``: VisionZip, PruMerge+ as
+EffiVLM-Bench's Qwen2-VL port) gets a ``VisionUnitsContext`` per group of units and its selection
+is applied before the LLM with the original positions; the others (PruMerge, TRIM: no published
+Qwen port of theirs was found) are rejected by ``apply`` with a clear error.
 """
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ class QwenVLAdapter(Adapter):
                              "sliding-window attention (use_sliding_window / layer_types)")
         if spec.stage == "vision" and not spec.no_cls:
             raise ValueError(f"model: {spec.name} ranks vision-encoder tokens against a [CLS] token, which the "
-                             f"Qwen-VL encoder does not have, and has no rule for such encoders yet (visionzip has: "
-                             f"the attention each token receives, as its published Qwen code). Use visionzip or an "
-                             f"in-LLM method (dart, fastv, random, pooling) instead")
+                             f"Qwen-VL encoder does not have, and has no rule for such encoders yet (visionzip and "
+                             f"prumerge_plus have: the attention each token receives, as their published Qwen code). "
+                             f"Use visionzip, prumerge_plus or an in-LLM method (dart, fastv, random, pooling) instead")
 
     # ----------------------------------------------------------------------- units and features
 
@@ -109,8 +109,8 @@ class QwenVLAdapter(Adapter):
             raise ValueError(f"{key}: {pixels.shape[0]} patches, but {kind}_grid_thw describes {patches}")
         ranked = None
         if ranking:
-            out, received, keys = features_with_ranking(model, pixels, grid, kind)
-            ranked = list(zip(received, keys))
+            out, received, keys, head_keys = features_with_ranking(model, pixels, grid, kind, head_keys=True)
+            ranked = list(zip(received, keys, head_keys))
         else:
             fn = model.model.get_image_features if kind == "image" else model.model.get_video_features
             out = fn(pixels, grid, return_dict=True)
@@ -192,10 +192,10 @@ class QwenVLAdapter(Adapter):
         if deep is not None:
             seq = replace(seq, inject=[torch.cat(layer) for layer in deep], vis_id=spans.visual_ids(b, length))
         if vision_method:
-            seq = self._vision_reduce(seq, feats, ranked, red)
+            seq = self._vision_reduce(seq, feats, ranked, red, model.config.vision_config.spatial_merge_size ** 2)
         return seq
 
-    def _vision_reduce(self, seq: Sequence, feats: list, ranked: list, red: Reduction) -> Sequence:
+    def _vision_reduce(self, seq: Sequence, feats: list, ranked: list, red: Reduction, patches: int) -> Sequence:
         """A vision-side method on the merged tokens of every unit (ranked by received attention),
         applied before the LLM: kept (or merged-into) tokens keep their positions, ids and
         DeepStack rows (a merged token its target's, as FlashVID does)."""
@@ -206,7 +206,8 @@ class QwenVLAdapter(Adapter):
             ctx = VisionUnitsContext(features=torch.stack([feats[u] for u in units]).to(seq.hidden.dtype),
                                      received=torch.stack([ranked[u][0] for u in units]),
                                      keys=torch.stack([ranked[u][1] for u in units]), grid=(h, w),
-                                     kind=spans.kind[units[0]])
+                                     kind=spans.kind[units[0]], head_keys=torch.stack([ranked[u][2] for u in units]),
+                                     patches=patches)
             return red.spec.fn(ctx, red.cfg)
 
         slots = select_units(seq, select)
