@@ -225,21 +225,18 @@ def test_matches_slow_reference_on_mixed_batch(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_received_attention_scaled_to_the_published_cls_attn(family):
+def test_received_attention_scaled_to_the_published_cls_attn(family, monkeypatch):
     # the adapter's received attention / (4 N) is the port's 4x4-pooled head and query mean, and
     # its head-concatenated keys its metric (a 42-token image: several query chunks)
     model = model_of(family)
     b = refs.synthetic_batch(family, [dict(images=[(7, 6)], video=None, text="what is this ?")], seed=3)
     (ref,) = batch_scores(model, b)["image"]
-    old = qwen_vision._QUERY_CHUNK
-    qwen_vision._QUERY_CHUNK = 16
-    try:
-        with torch.no_grad():
-            _, received, _, wide = qwen_vision.features_with_ranking(model, b["pixel_values"], b["image_grid_thw"],
-                                                                     "image", head_keys=True)
-    finally:
-        qwen_vision._QUERY_CHUNK = old
-    torch.testing.assert_close(received[0].double() / (4 * 42), ref["cls_attn"], rtol=1e-5, atol=1e-9)
+    monkeypatch.setattr(qwen_vision, "_QUERY_CHUNK", 16)
+    with torch.no_grad():
+        _, received, _, wide = qwen_vision.features_with_ranking(model, b["pixel_values"], b["image_grid_thw"],
+                                                                 "image", head_keys=True)
+    patches = model.config.vision_config.spatial_merge_size ** 2
+    torch.testing.assert_close(received[0].double() / (patches * 42), ref["cls_attn"], rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(wide[0].double(), ref["metric"], rtol=1e-5, atol=1e-6)
 
 
