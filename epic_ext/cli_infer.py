@@ -265,8 +265,8 @@ def _check_method(args: argparse.Namespace, options: dict, keep, llava_config, c
         raise ValueError(f"--layer: {spec.name} reduces before the projector and has no layer")
     if spec.stage == "vision" and not spec.no_cls and getattr(llava_config, "model_type", None) in QWEN_VL_TYPES:
         raise ValueError(f"--method {spec.name}: ranks vision-encoder tokens against a [CLS] token, which the "
-                         f"Qwen-VL encoder does not have; use visionzip or an in-LLM method (dart, fastv, random, "
-                         f"pooling)")
+                         f"Qwen-VL encoder does not have; use visionzip, prumerge_plus or an in-LLM method (dart, "
+                         f"fastv, random, pooling)")
     if spec.stage == "llm" and args.layer is not None and not 0 <= args.layer < depth:
         raise ValueError(f"--layer: a decoder layer in [0, {depth - 1}] (the model has {depth}), "
                          f"got {args.layer}")
