@@ -1,0 +1,60 @@
+"""Evaluation-harness entry points.
+
+lmms-eval (>= 0.7) finds out-of-tree models through the entry-point group ``lmms_eval.models``;
+:func:`lmms_manifest` is the payload epic-ext registers there (model id ``epic_ext``, class
+:class:`epic_ext.eval.lmms.EpicExt`). It imports nothing heavy: lmms-eval loads every entry point
+while it builds its registry, before it knows which model a run asks for.
+
+:func:`write_local_task` writes the offline synthetic VQA task (``tasks/epic_vqa``) with its data
+into a folder for ``--include_path``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+LMMS_MODEL_ID = "epic_ext"
+LMMS_CLASS_PATH = "epic_ext.eval.lmms.EpicExt"
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+LOCAL_TASK = "epic_vqa"
+
+
+def lmms_manifest():
+    """The ``lmms_eval.models`` entry point's payload (a ``ModelManifest``)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+    return ModelManifest(model_id=LMMS_MODEL_ID, simple_class_path=LMMS_CLASS_PATH)
+
+
+def write_local_task(folder, *, n: int = 6, seed: int = 0, image_size: int = 112, task: str = LOCAL_TASK) -> Path:
+    """Write ``n`` synthetic VQA samples (PNG images + ``data.jsonl``: image path, question,
+    answer) under ``folder`` and a task YAML ``<task>.yaml`` that includes the shipped
+    ``tasks/epic_vqa/_epic_vqa_base.yaml`` and names the data by absolute path (lmms-eval 0.7.3
+    resolves a relative ``data_files`` against the YAML's folder; older releases against the
+    working directory). Returns ``folder`` (pass it as ``--include_path``; the task is named
+    ``task``)."""
+    from ..train import synthetic
+
+    if n < 1:
+        raise ValueError(f"n: must be >= 1, got {n}")
+    if not str(task).isidentifier():
+        raise ValueError(f"task: {task!r} is not a plain name")
+    folder = Path(folder).resolve()
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, record in enumerate(synthetic.generate(n, seed=seed)):
+        question, answer = synthetic.first_qa(record)
+        path = images / f"{i:04d}.png"
+        synthetic.render(record, image_size).save(path)
+        rows.append({"id": i, "image": str(path), "question": question, "answer": answer})
+    data = folder / "data.jsonl"
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    base = TASKS_DIR / LOCAL_TASK / "_epic_vqa_base.yaml"
+    # json.dumps quotes the paths (YAML reads a JSON string as the same string).
+    (folder / f"{task}.yaml").write_text(
+        f"include: {json.dumps(os.fspath(base))}\n"
+        f"task: {task}\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(os.fspath(data))}\n")
+    return folder
