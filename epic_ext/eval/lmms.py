@@ -272,6 +272,9 @@ class EpicExt(lmms):
                 raise ValueError(f"continuation: {continuation!r} has no tokens")
             ids = torch.cat([inputs["input_ids"], cont], dim=1).to(self._device)
             mask = torch.ones_like(ids)
+            if "mm_token_type_ids" in inputs:       # Qwen-VL: the continuation is text (type 0)
+                types = inputs["mm_token_type_ids"]
+                inputs["mm_token_type_ids"] = torch.cat([types, types.new_zeros(1, cont.shape[1])], dim=1)
             media = {k: (v.to(self._device, self._model.dtype) if v.is_floating_point() else v.to(self._device))
                      for k, v in inputs.items() if k not in ("input_ids", "attention_mask")
                      and isinstance(v, torch.Tensor)}

@@ -1,0 +1,217 @@
+"""lmms-eval entry point (issue 13): the ``epic_ext`` model found through the ``lmms_eval.models``
+entry-point group, batched generation equal to one request at a time, loglikelihood against the
+stock model, argument errors, and ``python -m lmms_eval`` end to end on the offline synthetic VQA
+task with tiny LLaVA / Qwen2.5-VL checkpoints (score + efficiency in the results JSON).
+
+Skipped where lmms-eval is not installed (the project's .venv). The entry point is registered by a
+throw-away ``*.dist-info`` folder on PYTHONPATH (what ``pip install`` of epic-ext with the entry
+point would write), so nothing is installed into the environment.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lmms_eval")
+pytest.importorskip("lmms_eval.api.model")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Tiny LLaVA and Qwen2.5-VL checkpoints (model + processor), the local task, and a
+    dist-info folder declaring the entry point."""
+    from epic_ext.eval import write_local_task
+    from epic_ext.models import tiny
+    from epic_ext.models.tiny_qwen import save_tiny_qwen
+    from epic_ext.train.data import llava_processor
+    from epic_ext.train.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("lmms")
+    llava = tiny.build_tiny_llava("tiny")
+    llava.save_pretrained(root / "llava")
+    llava_processor(llava.config, build_tokenizer(llava.config.text_config.vocab_size),
+                    llava.config.vision_config.image_size).save_pretrained(root / "llava")
+    save_tiny_qwen("qwen2_5_vl", root / "qwen2_5_vl")
+    write_local_task(root / "task", n=6)
+    dist = root / "entry" / "epic_ext_lmms_entry-0.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: epic-ext-lmms-entry\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text("[lmms_eval.models]\nepic_ext = epic_ext.eval:lmms_manifest\n")
+    return root
+
+
+def _env(root: Path, *, entry: bool = True) -> dict:
+    env = dict(os.environ)
+    paths = ([str(root / "entry")] if entry else []) + [str(REPO)]
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_HOME=str(root / "hf"), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _docs(root: Path) -> list:
+    with open(root / "task" / "data.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def _task_hooks():
+    path = REPO / "epic_ext" / "eval" / "tasks" / "epic_vqa" / "utils.py"
+    spec = importlib.util.spec_from_file_location("epic_vqa_utils", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _requests(root: Path, kind: str, **gen_kwargs):
+    from lmms_eval.api.instance import Instance
+    hooks, docs = _task_hooks(), _docs(root)
+    out = []
+    for i, doc in enumerate(docs):
+        text = hooks.doc_to_text(doc)
+        second = dict(gen_kwargs) if kind == "generate_until" else f" {doc['answer']}"
+        out.append(Instance(request_type=kind, arguments=(text, second, hooks.doc_to_visual, i, "epic_vqa", "test"),
+                            idx=0, metadata={"task": "epic_vqa", "doc_id": i, "repeats": 1}))
+    return out, {"epic_vqa": {"test": docs}}
+
+
+def _model(root: Path, family: str, **kwargs):
+    from epic_ext.eval.lmms import EpicExt
+    model = EpicExt(pretrained=str(root / family), device="cpu", **kwargs)
+    return model
+
+
+def test_entry_point_registers_the_model(saved):
+    """A stock lmms-eval finds ``epic_ext`` through the entry-point group, and only through it."""
+    code = "from lmms_eval.models import get_model; print(get_model('epic_ext').__module__)"
+    found = subprocess.run([sys.executable, "-c", code], env=_env(saved), capture_output=True, text=True,
+                           timeout=120)
+    assert found.returncode == 0 and found.stdout.strip().splitlines()[-1] == "epic_ext.eval.lmms", found.stderr
+    missing = subprocess.run([sys.executable, "-c", code], env=_env(saved, entry=False), capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode != 0 and "epic_ext" in missing.stdout + missing.stderr
+
+
+@pytest.mark.parametrize("family,method,keep,kept", [("qwen2_5_vl", "dart", 8, 8), ("llava", "fastv", 0.25, 144)])
+def test_batches_equal_requests_alone(saved, one_thread, family, method, keep, kept):
+    """generate_until in left-padded batches of 4 (prompts of different lengths) answers each
+    request as a batch of 1 does, in request order; every record keeps the budget's tokens from
+    the reduction layer on."""
+    requests, task_dict = _requests(saved, "generate_until", max_new_tokens=4, until=["\n"])
+    answers = {}
+    for batch in (4, 1):
+        model = _model(saved, family, method=method, keep=keep, layer=2, batch_size=batch)
+        model.task_dict = task_dict
+        results = model.generate_until(requests)
+        answers[batch] = [r.text for r in results]
+        assert all(r.token_counts.output_tokens <= 4 for r in results)
+        assert sorted(r["doc_id"] for r in model.records) == list(range(len(requests)))
+        assert len({r["prompt_tokens"] for r in model.records}) > 1       # the batches are padded
+        assert {r["batch_size"] for r in model.records} == ({4, 2} if batch == 4 else {1})
+        for r in model.records:
+            vis = r["visual_tokens_per_layer"]
+            assert vis[:2] == [vis[0]] * 2 and vis[2:] == [kept] * (len(vis) - 2) and vis[0] > kept
+            assert r["kv_bytes"] > 0 and r["prefill_flops"] > 0 and r["prefill_ms"] > 0
+        summary = model.efficiency_summary()
+        assert summary["requests"] == len(requests) and summary["mean_visual_tokens_per_layer"][-1] == kept
+    assert answers[4] == answers[1]
+
+
+def test_loglikelihood_matches_the_stock_model(saved, one_thread):
+    """method none: log P(answer | prompt, image) equals the stock Qwen2.5-VL's, token by token
+    summed; with DART it is a finite log-probability of the reduced model."""
+    from epic_ext.models.loading import load_model
+    requests, task_dict = _requests(saved, "loglikelihood")
+    requests = requests[:3]
+    model = _model(saved, "qwen2_5_vl", method="none")
+    model.task_dict = task_dict
+    got = model.loglikelihood(requests)
+
+    stock = load_model(saved / "qwen2_5_vl")
+    for (logp, greedy), req in zip(got, requests):
+        context, continuation, to_visual, doc_id, _, _ = req.args
+        images = model._visuals(to_visual, "epic_vqa", "test", doc_id)
+        inputs = model._inputs([model._prompt(context, len(images))], [images])
+        cont = model.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = torch.cat([inputs["input_ids"], cont], 1)
+        media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        media["mm_token_type_ids"] = torch.cat([media["mm_token_type_ids"], torch.zeros_like(cont)], 1)
+        with torch.no_grad():
+            logits = stock(input_ids=ids, attention_mask=torch.ones_like(ids), **media).logits[0].double()
+        n = cont.shape[1]
+        expect = torch.log_softmax(logits[-n - 1:-1], -1).gather(-1, cont[0][:, None]).sum().item()
+        assert logp == pytest.approx(expect, abs=1e-4)
+        assert greedy == bool((logits[-n - 1:-1].argmax(-1) == cont[0]).all())
+
+    dart = _model(saved, "qwen2_5_vl", method="dart", keep=4, layer=2)
+    dart.task_dict = task_dict
+    for logp, _ in dart.loglikelihood(requests):
+        assert logp < 0 and logp == logp
+
+
+def test_bad_model_args(saved, tmp_path):
+    from epic_ext.eval.lmms import EpicExt
+    qwen = str(saved / "qwen2_5_vl")
+    with pytest.raises(ValueError, match="batch_size"):
+        EpicExt(pretrained=qwen, batch_size="auto", device="cpu")
+    with pytest.raises(ValueError, match="dtype"):
+        EpicExt(pretrained=qwen, dtype="float8", device="cpu")
+    with pytest.raises(ValueError, match="pretrained"):
+        EpicExt(pretrained="", device="cpu")
+    with pytest.raises(FileNotFoundError):
+        EpicExt(pretrained=str(tmp_path / "nothing"), device="cpu")
+    with pytest.raises(TypeError, match="keep"):
+        EpicExt(pretrained=qwen, method="dart", keep=[1, 2], device="cpu")
+    with pytest.raises(ValueError, match="no_such_method|method"):
+        EpicExt(pretrained=qwen, method="no_such_method", device="cpu")
+
+
+def _run_lmms_eval(root: Path, family: str, args: str, out: Path) -> dict:
+    eff = out / "efficiency.json"
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "epic_ext",
+           "--model_args", f"pretrained={root / family},{args},efficiency_json={eff}",
+           "--tasks", "epic_vqa", "--include_path", str(root / "task"), "--batch_size", "2",
+           "--device", "cpu", "--output_path", str(out), "--log_samples"]
+    res = subprocess.run(cmd, env=_env(root), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (results,) = out.glob("*/*_results.json")
+    (samples,) = out.glob("*/*_samples_epic_vqa.jsonl")
+    with open(eff) as f:
+        sidecar = json.load(f)
+    with open(samples) as f:
+        lines = [json.loads(line) for line in f]
+    return json.loads(results.read_text()), lines, sidecar
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,args,kept", [
+    ("qwen2_5_vl", "method=dart,keep=8,layer=2", 8),
+    ("llava", "method=fastv,keep=0.25,layer=2", 144),
+])
+def test_lmms_eval_end_to_end(saved, tmp_path, family, args, kept):
+    """python -m lmms_eval --model epic_ext ... --batch_size 2 on the local task: the exact-match
+    score (equal to the samples' mean) and the efficiency beside it in the results JSON, the full
+    per-request records in the sidecar."""
+    results, samples, sidecar = _run_lmms_eval(saved, family, args, tmp_path)
+    score = results["results"]["epic_vqa"]["exact_match,none"]
+    assert len(samples) == 6 and score == pytest.approx(sum(s["exact_match"] for s in samples) / 6)
+    thr = results["throughput"]
+    assert thr["avg_visual_tokens_kept"] == kept and thr["avg_visual_tokens"] > kept
+    assert thr["avg_reduction_layer"] == 2
+    assert thr["avg_visual_tokens_layer_1"] == thr["avg_visual_tokens"]
+    assert thr["avg_visual_tokens_layer_2"] == kept
+    for key in ("avg_kv_bytes", "avg_prefill_flops", "avg_prefill_ms", "avg_decode_ms_per_token"):
+        assert thr[key] > 0, key
+    assert results["efficiency"]["overall"]["docs_with_token_counts"] == 6
+    summary = sidecar["summary"]
+    assert summary["requests"] == 6 and summary["options"] == {"layer": 2}
+    assert summary["mean_visual_tokens_per_layer"][2:] == [kept] * (len(summary["mean_visual_tokens_per_layer"]) - 2)
+    assert {r["batch_size"] for r in sidecar["requests"]} == {2}
+    assert summary["mean_kv_bytes"] == pytest.approx(thr["avg_kv_bytes"])
