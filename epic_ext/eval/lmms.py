@@ -18,7 +18,8 @@ bytes, prefill FLOPs. Where that lands:
   One entry per request: ``avg_visual_tokens`` (before the drop), ``avg_visual_tokens_kept``,
   ``avg_visual_tokens_layer_<i>``, ``avg_kv_bytes``, ``avg_prefill_flops``, ``avg_prefill_ms``
   (the request's batch), ``avg_decode_ms_per_token``, ``avg_prompt_tokens``, ``avg_reduction_layer``.
-  Under several processes only rank 0's requests reach it (lmms-eval does not gather it).
+  Under several processes lmms-eval keeps rank 0's log only; ``clean`` (run on every process
+  before the summary) adds the other ranks' entries to it.
 * results JSON, per sample ``token_counts`` (input / output tokens, through ``GenerationResult``).
 * ``efficiency_json=PATH``: every request's full record (all processes gathered) and the run's
   summary, written when the run ends (``clean``).
@@ -106,6 +107,7 @@ class EpicExt(lmms):
         self.max_new_tokens = max_new_tokens
         self.efficiency_json = efficiency_json
         self.records: list[dict] = []
+        self.throughput: list[dict] = []       # what this process gave log_metrics
 
     # ------------------------------------------------------------------ lmms properties
     @property
@@ -229,8 +231,10 @@ class EpicExt(lmms):
             numeric["reduction_layer"] = result["reduction_layer"]
         numeric.update({f"visual_tokens_layer_{i}": n for i, n in enumerate(vis)})
         n_new = len(result["answer_ids"])
-        log_metrics(total_elapsed_time=share_s, total_gen_tokens=n_new,
-                    avg_speed=n_new / share_s if share_s > 0 else 0.0, additional_metrics=numeric)
+        payload = dict(total_elapsed_time=share_s, total_gen_tokens=n_new,
+                       avg_speed=n_new / share_s if share_s > 0 else 0.0, additional_metrics=numeric)
+        self.throughput.append(payload)
+        log_metrics(**payload)
 
     def generate_until(self, requests) -> list:
         results = []
@@ -306,16 +310,26 @@ class EpicExt(lmms):
             for i in range(depth)]
         return summary
 
-    def _gathered_records(self) -> list:
+    def _gathered(self) -> list:
+        """(records, throughput payloads) of every process, rank order."""
+        mine = (self.records, self.throughput)
         if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             parts = [None] * self.world_size
-            torch.distributed.all_gather_object(parts, self.records)
-            return [r for part in parts for r in part]
-        return list(self.records)
+            torch.distributed.all_gather_object(parts, mine)
+            return parts
+        return [mine]
 
     def clean(self):
+        # lmms-eval calls clean() on every process before rank 0 summarises its throughput log,
+        # which holds rank 0's requests only: the other ranks' entries are added to it here.
+        parts = self._gathered()
+        records = [r for part, _ in parts for r in part]
+        if self.rank == 0 and len(parts) > 1:
+            from lmms_eval.models.model_utils import gen_metrics
+            for _, payloads in parts[1:]:
+                for payload in payloads:
+                    gen_metrics._record_metrics(**payload)
         if self.efficiency_json:
-            records = self._gathered_records()
             if self.rank == 0:
                 path = os.path.abspath(self.efficiency_json)
                 os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -124,6 +124,30 @@ def test_batches_equal_requests_alone(saved, one_thread, family, method, keep, k
     assert answers[4] == answers[1]
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_text_only_requests(saved, one_thread, family):
+    """Requests without an image (a text-only batch, and text-only rows beside image rows) are
+    answered as alone, with no visual tokens in their records."""
+    requests, task_dict = _requests(saved, "generate_until", max_new_tokens=3)
+    with_image = requests[0].args[2]
+    for i, req in enumerate(requests):
+        if i % 3:
+            req.arguments = (*req.arguments[:2], lambda doc: [], *req.arguments[3:])
+    answers = {}
+    for batch in (3, 1):
+        model = _model(saved, family, method="dart", keep=4, layer=2, batch_size=batch)
+        model.task_dict = task_dict
+        answers[batch] = [r.text for r in model.generate_until(requests)]
+        for r in model.records:
+            has_image = r["doc_id"] % 3 == 0
+            assert (r["visual_tokens_per_layer"][0] > 0) == has_image and (r["units"] != []) == has_image
+    assert answers[3] == answers[1] and with_image is not None
+    model = _model(saved, family, method="dart", keep=4, layer=2, batch_size=2)
+    model.task_dict = task_dict
+    text_only = model.generate_until([requests[1], requests[2]])       # one batch, no image at all
+    assert [r.text for r in text_only] == answers[1][1:3] and {r["batch_size"] for r in model.records} == {2}
+
+
 def test_loglikelihood_matches_the_stock_model(saved, one_thread):
     """method none: log P(answer | prompt, image) equals the stock Qwen2.5-VL's, token by token
     summed; with DART it is a finite log-probability of the reduced model."""
@@ -173,9 +197,12 @@ def test_bad_model_args(saved, tmp_path):
         EpicExt(pretrained=qwen, method="no_such_method", device="cpu")
 
 
-def _run_lmms_eval(root: Path, family: str, args: str, out: Path) -> dict:
+def _run_lmms_eval(root: Path, family: str, args: str, out: Path, processes: int = 1) -> dict:
     eff = out / "efficiency.json"
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "epic_ext",
+    # Several CPU processes: torchrun (Accelerator() then joins its gloo group).
+    launch = [] if processes == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                                        "--master_port", str(29400 + os.getpid() % 500)]
+    cmd = [sys.executable, *launch, "-m", "lmms_eval", "--model", "epic_ext",
            "--model_args", f"pretrained={root / family},{args},efficiency_json={eff}",
            "--tasks", "epic_vqa", "--include_path", str(root / "task"), "--batch_size", "2",
            "--device", "cpu", "--output_path", str(out), "--log_samples"]
@@ -215,3 +242,16 @@ def test_lmms_eval_end_to_end(saved, tmp_path, family, args, kept):
     assert summary["mean_visual_tokens_per_layer"][2:] == [kept] * (len(summary["mean_visual_tokens_per_layer"]) - 2)
     assert {r["batch_size"] for r in sidecar["requests"]} == {2}
     assert summary["mean_kv_bytes"] == pytest.approx(thr["avg_kv_bytes"])
+
+
+@pytest.mark.slow
+def test_lmms_eval_two_processes(saved, tmp_path):
+    """Two processes (torchrun on gloo): each answers its share; the throughput block and the
+    sidecar cover all six requests, each once."""
+    results, samples, sidecar = _run_lmms_eval(saved, "qwen2_5_vl", "method=dart,keep=8,layer=2", tmp_path,
+                                               processes=2)
+    assert len(samples) == 6
+    assert sorted(r["doc_id"] for r in sidecar["requests"]) == list(range(6))
+    thr = results["throughput"]
+    assert thr["total_gen_tokens"] == sum(r["new_tokens"] for r in sidecar["requests"])
+    assert thr["avg_visual_tokens_kept"] == 8
