@@ -7,7 +7,8 @@
 Qwen3-VL). ``method`` / ``keep`` / other keys: :func:`epic_ext.apply`'s method and options
 (``keep``: a count per image / video frame group, or a ratio; ``layer``: the LLM layer that
 drops). Also ``device``, ``dtype``, ``attn_implementation``, ``max_new_tokens`` (when a task sets
-none), ``efficiency_json`` (a file for the per-request efficiency records).
+none), ``min_pixels`` / ``max_pixels`` (Qwen-VL's image resize bounds), ``efficiency_json`` (a file
+for the per-request efficiency records).
 
 Requests run in batches of ``batch_size`` (left padding) through :func:`epic_ext.infer`, which
 prefills and decodes with separate timers and reports per request: visual tokens per layer, KV
@@ -58,7 +59,8 @@ class EpicExt(lmms):
 
     def __init__(self, pretrained: str, method: str = "none", keep=None, device: Optional[str] = None,
                  dtype: Optional[str] = None, batch_size=1, max_batch_size=None, max_new_tokens: int = 32,
-                 attn_implementation: str = "sdpa", efficiency_json: Optional[str] = None, **method_options) -> None:
+                 attn_implementation: str = "sdpa", efficiency_json: Optional[str] = None,
+                 min_pixels: Optional[int] = None, max_pixels: Optional[int] = None, **method_options) -> None:
         super().__init__()
         from ..models import apply
 
@@ -97,6 +99,8 @@ class EpicExt(lmms):
         self.processor = load_processor(pretrained)
         self._tokenizer = self.processor.tokenizer
         self._tokenizer.padding_side = "left"
+        if min_pixels is not None or max_pixels is not None:
+            self._set_pixel_range(min_pixels, max_pixels)
         self._model = load_model(pretrained, dtype=None if dtype is None else _DTYPES[dtype],
                                  attn_implementation=attn_implementation, device=self._device)
         self.method = method.lower()
@@ -129,6 +133,23 @@ class EpicExt(lmms):
     @property
     def device(self):
         return self._device
+
+    def _set_pixel_range(self, min_pixels, max_pixels) -> None:
+        """Qwen-VL's resize bounds (image area in pixels; the checkpoint's own by default; lmms-eval's
+        built-in Qwen2.5-VL model uses max_pixels=1605632)."""
+        if self.model_type not in QWEN_VL_TYPES:
+            raise ValueError(f"min_pixels / max_pixels: Qwen-VL models only, not {self.model_type}")
+        size = self.processor.image_processor.size
+        bounds = {"shortest_edge": size.shortest_edge, "longest_edge": size.longest_edge}
+        for name, value, key in (("min_pixels", min_pixels, "shortest_edge"), ("max_pixels", max_pixels, "longest_edge")):
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: a positive pixel count, got {value!r}")
+            bounds[key] = value
+        if bounds["shortest_edge"] > bounds["longest_edge"]:
+            raise ValueError(f"min_pixels: {bounds['shortest_edge']} exceeds max_pixels {bounds['longest_edge']}")
+        self.processor.image_processor.size = bounds
 
     # ------------------------------------------------------------------ prompts
     def _prompt(self, context: str, n_images: int) -> str:

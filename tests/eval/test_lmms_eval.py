@@ -39,7 +39,8 @@ def saved(tmp_path_factory):
     llava.save_pretrained(root / "llava")
     llava_processor(llava.config, build_tokenizer(llava.config.text_config.vocab_size),
                     llava.config.vision_config.image_size).save_pretrained(root / "llava")
-    save_tiny_qwen("qwen2_5_vl", root / "qwen2_5_vl")
+    for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        save_tiny_qwen(family, root / family)
     write_local_task(root / "task", n=6)
     dist = root / "entry" / "epic_ext_lmms_entry-0.0.dist-info"
     dist.mkdir(parents=True)
@@ -99,7 +100,8 @@ def test_entry_point_registers_the_model(saved):
     assert missing.returncode != 0 and "epic_ext" in missing.stdout + missing.stderr
 
 
-@pytest.mark.parametrize("family,method,keep,kept", [("qwen2_5_vl", "dart", 8, 8), ("llava", "fastv", 0.25, 144)])
+@pytest.mark.parametrize("family,method,keep,kept", [("qwen2_5_vl", "dart", 8, 8), ("llava", "fastv", 0.25, 144),
+                                                     ("qwen3_vl", "fastv", 6, 6), ("qwen2_vl", "dart", 0.5, 8)])
 def test_batches_equal_requests_alone(saved, one_thread, family, method, keep, kept):
     """generate_until in left-padded batches of 4 (prompts of different lengths) answers each
     request as a batch of 1 does, in request order; every record keeps the budget's tokens from
@@ -195,6 +197,23 @@ def test_bad_model_args(saved, tmp_path):
         EpicExt(pretrained=qwen, method="dart", keep=[1, 2], device="cpu")
     with pytest.raises(ValueError, match="no_such_method|method"):
         EpicExt(pretrained=qwen, method="no_such_method", device="cpu")
+    with pytest.raises(ValueError, match="max_pixels"):
+        EpicExt(pretrained=str(saved / "llava"), max_pixels=3136, device="cpu")
+    with pytest.raises(ValueError, match="min_pixels"):
+        EpicExt(pretrained=qwen, min_pixels=10_000, max_pixels=3136, device="cpu")
+    with pytest.raises(ValueError, match="max_pixels"):
+        EpicExt(pretrained=qwen, max_pixels=0, device="cpu")
+
+
+def test_qwen_pixel_bounds(saved, one_thread):
+    """max_pixels bounds the resized image: a 112 px image (8 x 8 patches, 16 merged tokens)
+    capped at 56 x 56 pixels gives 4."""
+    requests, task_dict = _requests(saved, "generate_until", max_new_tokens=2)
+    for max_pixels, tokens in ((None, 16), (56 * 56, 4)):
+        model = _model(saved, "qwen2_5_vl", max_pixels=max_pixels, batch_size=2)
+        model.task_dict = task_dict
+        model.generate_until(requests[:2])
+        assert {r["visual_tokens_per_layer"][0] for r in model.records} == {tokens}
 
 
 def _run_lmms_eval(root: Path, family: str, args: str, out: Path, processes: int = 1) -> dict:
