@@ -7,8 +7,9 @@
 Qwen3-VL). ``method`` / ``keep`` / other keys: :func:`epic_ext.apply`'s method and options
 (``keep``: a count per image / video frame group, or a ratio; ``layer``: the LLM layer that
 drops). Also ``device``, ``dtype``, ``attn_implementation``, ``max_new_tokens`` (when a task sets
-none), ``min_pixels`` / ``max_pixels`` (Qwen-VL's image resize bounds), ``efficiency_json`` (a file
-for the per-request efficiency records).
+none), ``min_pixels`` / ``max_pixels`` (Qwen-VL's image resize bounds), ``warmup`` (untimed
+batches first; default 1 on a GPU, 0 on a CPU), ``efficiency_json`` (a file for the per-request
+efficiency records).
 
 Requests run in batches of ``batch_size`` (left padding) through :func:`epic_ext.infer`, which
 prefills and decodes with separate timers and reports per request: visual tokens per layer, KV
@@ -39,7 +40,7 @@ from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from ..models.loading import LLAVA_TYPES, QWEN_VL_TYPES, check_model_type, load_model, load_processor
+from ..models.loading import QWEN_VL_TYPES, check_model_type, load_model, load_processor
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -60,7 +61,8 @@ class EpicExt(lmms):
     def __init__(self, pretrained: str, method: str = "none", keep=None, device: Optional[str] = None,
                  dtype: Optional[str] = None, batch_size=1, max_batch_size=None, max_new_tokens: int = 32,
                  attn_implementation: str = "sdpa", efficiency_json: Optional[str] = None,
-                 min_pixels: Optional[int] = None, max_pixels: Optional[int] = None, **method_options) -> None:
+                 min_pixels: Optional[int] = None, max_pixels: Optional[int] = None, warmup: Optional[int] = None,
+                 **method_options) -> None:
         super().__init__()
         from ..models import apply
 
@@ -110,6 +112,11 @@ class EpicExt(lmms):
         apply(self._model, self.method, keep=self.keep, **self.method_options)
         self.max_new_tokens = max_new_tokens
         self.efficiency_json = efficiency_json
+        from ..inference import default_warmup
+        if warmup is not None and (not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0):
+            raise ValueError(f"warmup: an integer >= 0, got {warmup!r}")
+        # Untimed batches before the first timed one (a GPU's first call pays for its context).
+        self.warmup = default_warmup(self._device) if warmup is None else warmup
         self.records: list[dict] = []
         self.throughput: list[dict] = []       # what this process gave log_metrics
 
@@ -141,7 +148,8 @@ class EpicExt(lmms):
             raise ValueError(f"min_pixels / max_pixels: Qwen-VL models only, not {self.model_type}")
         size = self.processor.image_processor.size
         bounds = {"shortest_edge": size.shortest_edge, "longest_edge": size.longest_edge}
-        for name, value, key in (("min_pixels", min_pixels, "shortest_edge"), ("max_pixels", max_pixels, "longest_edge")):
+        for name, value, key in (("min_pixels", min_pixels, "shortest_edge"),
+                                 ("max_pixels", max_pixels, "longest_edge")):
             if value is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -198,6 +206,9 @@ class EpicExt(lmms):
         from ..inference import infer
         inputs = self._inputs(prompts, images)
         if any(images):
+            while self.warmup > 0:
+                self.warmup -= 1
+                infer(self._model, inputs, method=None, **{**options, "max_new_tokens": 2})
             reports = infer(self._model, inputs, method=None, processor=None, **options)
             return [dict(answer_ids=r.answer_ids, prompt_tokens=r.prompt_tokens,
                          visual_tokens_per_layer=r.visual_tokens_per_layer, kv_bytes=r.kv_bytes,

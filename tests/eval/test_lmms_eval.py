@@ -203,6 +203,8 @@ def test_bad_model_args(saved, tmp_path):
         EpicExt(pretrained=qwen, min_pixels=10_000, max_pixels=3136, device="cpu")
     with pytest.raises(ValueError, match="max_pixels"):
         EpicExt(pretrained=qwen, max_pixels=0, device="cpu")
+    with pytest.raises(ValueError, match="warmup"):
+        EpicExt(pretrained=qwen, warmup=-1, device="cpu")
 
 
 def test_qwen_pixel_bounds(saved, one_thread):
@@ -210,10 +212,11 @@ def test_qwen_pixel_bounds(saved, one_thread):
     capped at 56 x 56 pixels gives 4."""
     requests, task_dict = _requests(saved, "generate_until", max_new_tokens=2)
     for max_pixels, tokens in ((None, 16), (56 * 56, 4)):
-        model = _model(saved, "qwen2_5_vl", max_pixels=max_pixels, batch_size=2)
+        model = _model(saved, "qwen2_5_vl", max_pixels=max_pixels, batch_size=2, warmup=1)
         model.task_dict = task_dict
         model.generate_until(requests[:2])
         assert {r["visual_tokens_per_layer"][0] for r in model.records} == {tokens}
+        assert len(model.records) == 2 and model.warmup == 0        # the warm-up batch is not recorded
 
 
 def _run_lmms_eval(root: Path, family: str, args: str, out: Path, processes: int = 1) -> dict:
