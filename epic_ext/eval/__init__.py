@@ -28,11 +28,12 @@ def lmms_manifest():
 
 def write_local_task(folder, *, n: int = 6, seed: int = 0, image_size: int = 112, task: str = LOCAL_TASK) -> Path:
     """Write ``n`` synthetic VQA samples (PNG images + ``data.jsonl``: image path, question,
-    answer) under ``folder`` and a task YAML ``<task>.yaml`` that includes the shipped
-    ``tasks/epic_vqa/_epic_vqa_base.yaml`` and names the data by absolute path (lmms-eval 0.7.3
-    resolves a relative ``data_files`` against the YAML's folder; older releases against the
-    working directory). Returns ``folder`` (pass it as ``--include_path``; the task is named
-    ``task``)."""
+    answer, choices (the question type's answer set), label (the answer's index)) under ``folder``
+    and two task YAMLs that include the shipped ones in ``tasks/epic_vqa`` and name the data by
+    absolute path (lmms-eval 0.7.3 resolves a relative ``data_files`` against the YAML's folder;
+    older releases against the working directory): ``<task>`` (generation, exact match) and
+    ``<task>_mc`` (multiple choice by log-likelihood, accuracy). Returns ``folder`` (pass it as
+    ``--include_path``)."""
     from ..train import synthetic
 
     if n < 1:
@@ -43,18 +44,21 @@ def write_local_task(folder, *, n: int = 6, seed: int = 0, image_size: int = 112
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
     rows = []
+    answer_sets = synthetic.answer_sets()
     for i, record in enumerate(synthetic.generate(n, seed=seed)):
         question, answer = synthetic.first_qa(record)
+        choices = answer_sets[record["question_types"][0]]
         path = images / f"{i:04d}.png"
         synthetic.render(record, image_size).save(path)
-        rows.append({"id": i, "image": str(path), "question": question, "answer": answer})
+        rows.append({"id": i, "image": str(path), "question": question, "answer": answer, "choices": choices,
+                     "label": choices.index(answer)})
     data = folder / "data.jsonl"
     with open(data, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    base = TASKS_DIR / LOCAL_TASK / "_epic_vqa_base.yaml"
-    # json.dumps quotes the paths (YAML reads a JSON string as the same string).
-    (folder / f"{task}.yaml").write_text(
-        f"include: {json.dumps(os.fspath(base))}\n"
-        f"task: {task}\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(os.fspath(data))}\n")
+    for name, base in ((task, "_epic_vqa_base.yaml"), (f"{task}_mc", "_epic_vqa_mc_base.yaml")):
+        # json.dumps quotes the paths (YAML reads a JSON string as the same string).
+        (folder / f"{name}.yaml").write_text(
+            f"include: {json.dumps(os.fspath(TASKS_DIR / LOCAL_TASK / base))}\n"
+            f"task: {name}\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(os.fspath(data))}\n")
     return folder

@@ -320,7 +320,11 @@ class EpicExt(lmms):
             target = cont[0].to(self._device)
             total = float(logp.gather(-1, target[:, None]).sum())
             greedy = bool((logp.argmax(-1) == target).all())
-            out.append((total, greedy))
+            # lmms-eval 0.7.3's evaluator passes every response through unwrap_generation_output,
+            # which turns a bare (float, bool) into its str(); a GenerationResult's text is handed
+            # over as it is, so the pair travels in one (multiple-choice tasks then score).
+            out.append(GenerationResult(text=(total, greedy), token_counts=TokenCounts(
+                input_tokens=int(ids.shape[1]) - n, output_tokens=n)))
         return out
 
     def generate_until_multi_round(self, requests) -> list:

@@ -150,17 +150,18 @@ def test_text_only_requests(saved, one_thread, family):
     assert [r.text for r in text_only] == answers[1][1:3] and {r["batch_size"] for r in model.records} == {2}
 
 
-def test_loglikelihood_matches_the_stock_model(saved, one_thread):
-    """method none: log P(answer | prompt, image) equals the stock Qwen2.5-VL's, token by token
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_loglikelihood_matches_the_stock_model(saved, one_thread, family):
+    """method none: log P(answer | prompt, image) equals the stock model's, token by token
     summed; with DART it is a finite log-probability of the reduced model."""
     from epic_ext.models.loading import load_model
     requests, task_dict = _requests(saved, "loglikelihood")
     requests = requests[:3]
-    model = _model(saved, "qwen2_5_vl", method="none")
+    model = _model(saved, family, method="none")
     model.task_dict = task_dict
-    got = model.loglikelihood(requests)
+    got = [r.text for r in model.loglikelihood(requests)]
 
-    stock = load_model(saved / "qwen2_5_vl")
+    stock = load_model(saved / family)
     for (logp, greedy), req in zip(got, requests):
         context, continuation, to_visual, doc_id, _, _ = req.args
         images = model._visuals(to_visual, "epic_vqa", "test", doc_id)
@@ -168,7 +169,8 @@ def test_loglikelihood_matches_the_stock_model(saved, one_thread):
         cont = model.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
         ids = torch.cat([inputs["input_ids"], cont], 1)
         media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        media["mm_token_type_ids"] = torch.cat([media["mm_token_type_ids"], torch.zeros_like(cont)], 1)
+        if "mm_token_type_ids" in media:
+            media["mm_token_type_ids"] = torch.cat([media["mm_token_type_ids"], torch.zeros_like(cont)], 1)
         with torch.no_grad():
             logits = stock(input_ids=ids, attention_mask=torch.ones_like(ids), **media).logits[0].double()
         n = cont.shape[1]
@@ -176,9 +178,9 @@ def test_loglikelihood_matches_the_stock_model(saved, one_thread):
         assert logp == pytest.approx(expect, abs=1e-4)
         assert greedy == bool((logits[-n - 1:-1].argmax(-1) == cont[0]).all())
 
-    dart = _model(saved, "qwen2_5_vl", method="dart", keep=4, layer=2)
+    dart = _model(saved, family, method="dart", keep=4, layer=2)
     dart.task_dict = task_dict
-    for logp, _ in dart.loglikelihood(requests):
+    for logp, _ in (r.text for r in dart.loglikelihood(requests)):
         assert logp < 0 and logp == logp
 
 
@@ -219,14 +221,15 @@ def test_qwen_pixel_bounds(saved, one_thread):
         assert len(model.records) == 2 and model.warmup == 0        # the warm-up batch is not recorded
 
 
-def _run_lmms_eval(root: Path, family: str, args: str, out: Path, processes: int = 1) -> dict:
+def _run_lmms_eval(root: Path, family: str, args: str, out: Path, processes: int = 1,
+                   tasks: str = "epic_vqa") -> dict:
     eff = out / "efficiency.json"
     # Several CPU processes: torchrun (Accelerator() then joins its gloo group).
     launch = [] if processes == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                                         "--master_port", str(29400 + os.getpid() % 500)]
     cmd = [sys.executable, *launch, "-m", "lmms_eval", "--model", "epic_ext",
            "--model_args", f"pretrained={root / family},{args},efficiency_json={eff}",
-           "--tasks", "epic_vqa", "--include_path", str(root / "task"), "--batch_size", "2",
+           "--tasks", tasks, "--include_path", str(root / "task"), "--batch_size", "2",
            "--device", "cpu", "--output_path", str(out), "--log_samples"]
     res = subprocess.run(cmd, env=_env(root), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -240,15 +243,19 @@ def _run_lmms_eval(root: Path, family: str, args: str, out: Path, processes: int
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,args,kept", [
-    ("qwen2_5_vl", "method=dart,keep=8,layer=2", 8),
-    ("llava", "method=fastv,keep=0.25,layer=2", 144),
+@pytest.mark.parametrize("family,args,kept,tasks", [
+    ("qwen2_5_vl", "method=dart,keep=8,layer=2", 8, "epic_vqa,epic_vqa_mc"),
+    ("llava", "method=fastv,keep=0.25,layer=2", 144, "epic_vqa"),
 ])
-def test_lmms_eval_end_to_end(saved, tmp_path, family, args, kept):
+def test_lmms_eval_end_to_end(saved, tmp_path, family, args, kept, tasks):
     """python -m lmms_eval --model epic_ext ... --batch_size 2 on the local task: the exact-match
     score (equal to the samples' mean) and the efficiency beside it in the results JSON, the full
-    per-request records in the sidecar."""
-    results, samples, sidecar = _run_lmms_eval(saved, family, args, tmp_path)
+    per-request records in the sidecar; the multiple-choice variant (loglikelihood) scores too."""
+    results, samples, sidecar = _run_lmms_eval(saved, family, args, tmp_path, tasks=tasks)
+    if "epic_vqa_mc" in tasks:
+        assert 0 <= results["results"]["epic_vqa_mc"]["acc,none"] <= 1
+        (mc,) = tmp_path.glob("*/*_samples_epic_vqa_mc.jsonl")
+        assert len(mc.read_text().splitlines()) == 6
     score = results["results"]["epic_vqa"]["exact_match,none"]
     assert len(samples) == 6 and score == pytest.approx(sum(s["exact_match"] for s in samples) / 6)
     thr = results["throughput"]
@@ -258,7 +265,7 @@ def test_lmms_eval_end_to_end(saved, tmp_path, family, args, kept):
     assert thr["avg_visual_tokens_layer_2"] == kept
     for key in ("avg_kv_bytes", "avg_prefill_flops", "avg_prefill_ms", "avg_decode_ms_per_token"):
         assert thr[key] > 0, key
-    assert results["efficiency"]["overall"]["docs_with_token_counts"] == 6
+    assert results["efficiency"]["by_task"]["epic_vqa"]["docs_with_token_counts"] == 6
     summary = sidecar["summary"]
     assert summary["requests"] == 6 and summary["options"] == {"layer": 2}
     assert summary["mean_visual_tokens_per_layer"][2:] == [kept] * (len(summary["mean_visual_tokens_per_layer"]) - 2)
