@@ -90,10 +90,15 @@ setup(
         )
     ],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["epic-ext = epic_ext.cli:main"]},
+    # lmms-eval finds the `epic_ext` model through this group (its model manifest).
+    entry_points={"console_scripts": ["epic-ext = epic_ext.cli:main"],
+                  "lmms_eval.models": ["epic_ext = epic_ext.eval:lmms_manifest"]},
+    package_data={"epic_ext.eval": ["tasks/epic_vqa/*.yaml", "tasks/epic_vqa/*.py"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4,<=2.14.1", "numpy"],
-    extras_require={"test": ["pytest", "triton"], "bench": ["matplotlib"]},
+    # eval: lmms-eval 0.7.3 imports filelock._api, gone in filelock 4.
+    extras_require={"test": ["pytest", "triton"], "bench": ["matplotlib"],
+                    "eval": ["lmms-eval==0.7.3", "filelock<4"]},
 )
 
 # Loud, last in the build output: with a GPU visible, a CPU-only build sends CUDA tensors to the
