@@ -42,7 +42,6 @@ import _qwen_vz_ref as vz  # noqa: E402
 from test_qwen_integration import assert_rows_match_rows_alone, batch_of, model_of  # noqa: E402
 
 FAMILIES = tq.FAMILIES
-HIDDEN_ATOL = 1e-5
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -165,37 +164,6 @@ def applied(model, **opts):
         revert(model)
 
 
-class _LayerInput:
-    """The hidden states decoder layer 0 receives (the reduced sequence's embeddings)."""
-
-    def __init__(self, model):
-        self.hidden = None
-        self.handle = model.model.language_model.layers[0].register_forward_pre_hook(self._keep, with_kwargs=True)
-
-    def _keep(self, mod, args, kwargs):
-        self.hidden = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
-def assert_matches_reference(model, out, hidden, b, expected):
-    """Kept local indices per unit exactly; every kept visual token's layer-0 input equal to the
-    reference's hidden state; text tokens their own embeddings."""
-    emb = model.model.get_input_embeddings()
-    for i, (units, row) in enumerate(zip(refs.unit_layout(b), expected)):
-        assert refs.kept_per_unit(out, b, i) == [kept for kept, _ in row], f"row {i}"
-        slots = {int(p): s for s, p in enumerate(out.kept_index[i].tolist()) if out.kept_mask[i, s]}
-        for (_, start, _), (kept, ref_hidden) in zip(units, row):
-            got = hidden[i, [slots[start + j] for j in kept]]
-            torch.testing.assert_close(got.double(), ref_hidden, atol=HIDDEN_ATOL, rtol=0, msg=f"row {i}")
-        text = [p for p in slots if b["input_ids"][i, p] not in (tq.IMAGE_ID, tq.VIDEO_ID)]
-        assert torch.equal(hidden[i, [slots[p] for p in text]], emb(b["input_ids"][i, text]))
-
-
 @functools.lru_cache(maxsize=None)
 def _scores(family):
     return batch_scores(model_of(family), batch_of(family))
@@ -216,9 +184,9 @@ def test_matches_slow_reference_on_mixed_batch(family):
     branches = set()
     for opts in OPTIONS:
         expected = reference(model, b, scores=_scores(family), branches=branches, **opts)
-        with applied(model, **opts), torch.no_grad(), _LayerInput(model) as seen:
+        with applied(model, **opts), torch.no_grad(), refs.LayerInput(model) as seen:
             out = model(**b)
-        assert_matches_reference(model, out, seen.hidden, b, expected)
+        refs.assert_matches_reference(model, out, seen.hidden, b, expected)
         for units, row in zip(refs.unit_layout(b), expected):
             assert [len(kept) for kept, _ in row] == [budget_of(opts["keep"], n) for _, _, n in units]
     assert branches == {"fill", "top"}
@@ -249,9 +217,9 @@ def test_matches_slow_reference_past_32_neighbours(family):
                                       dict(images=[(2, 3)], video=None, text="and this ?")], seed=3)
     for keep in (0.25, 0.6):
         expected = reference(model, b, keep)
-        with applied(model, keep=keep), torch.no_grad(), _LayerInput(model) as seen:
+        with applied(model, keep=keep), torch.no_grad(), refs.LayerInput(model) as seen:
             out = model(**b)
-        assert_matches_reference(model, out, seen.hidden, b, expected)
+        refs.assert_matches_reference(model, out, seen.hidden, b, expected)
 
 
 def _context(received: torch.Tensor, d: int = 8, dk: int = 12, seed: int = 0):

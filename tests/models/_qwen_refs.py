@@ -418,3 +418,34 @@ def manual_reduced_logits(model, row: dict, layer: int, kept: list[int], *, repl
     if layer >= lm.config.num_hidden_layers:
         raise ValueError("layer: beyond the model")
     return model.lm_head(lm.norm(hidden))
+
+
+class LayerInput:
+    """The hidden states decoder layer 0 receives (the reduced sequence's embeddings)."""
+
+    def __init__(self, model):
+        self.hidden = None
+        self.handle = model.model.language_model.layers[0].register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, mod, args, kwargs):
+        self.hidden = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def assert_matches_reference(model, out, hidden, b, expected, atol: float = 1e-5):
+    """Kept local indices per unit exactly; every kept visual token's hidden state (the reduced
+    sequence's layer-0 input) equal to the reference's; text tokens their own embeddings."""
+    emb = model.model.get_input_embeddings()
+    for i, (units, row) in enumerate(zip(unit_layout(b), expected)):
+        assert kept_per_unit(out, b, i) == [kept for kept, _ in row], f"row {i}"
+        slots = {int(p): s for s, p in enumerate(out.kept_index[i].tolist()) if out.kept_mask[i, s]}
+        for (_, start, _), (kept, ref_hidden) in zip(units, row):
+            got = hidden[i, [slots[start + j] for j in kept]]
+            torch.testing.assert_close(got.double(), ref_hidden, atol=atol, rtol=0, msg=f"row {i}")
+        text = [p for p in slots if b["input_ids"][i, p] not in (tq.IMAGE_ID, tq.VIDEO_ID)]
+        assert torch.equal(hidden[i, [slots[p] for p in text]], emb(b["input_ids"][i, text]))

@@ -28,7 +28,6 @@ from test_qwen_integration import (ATOL, N_NEW, RTOL, assert_rows_match_rows_alo
 
 FAMILIES = tq.FAMILIES
 N_ROWS = 6
-HIDDEN_ATOL = 1e-5
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,37 +53,6 @@ def reference(family, b=None, **opts):
     return vz.visionzip_reference(model_of(family), b, **opts)
 
 
-class _LayerInput:
-    """The hidden states decoder layer 0 receives (the reduced sequence's embeddings)."""
-
-    def __init__(self, model):
-        self.hidden = None
-        self.handle = model.model.language_model.layers[0].register_forward_pre_hook(self._keep, with_kwargs=True)
-
-    def _keep(self, mod, args, kwargs):
-        self.hidden = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
-def assert_matches_reference(model, out, hidden, b, expected):
-    """Kept local indices per unit exactly; every kept visual token's hidden state (the reduced
-    sequence's layer-0 input) equal to the reference's; text tokens their own embeddings."""
-    emb = model.model.get_input_embeddings()
-    for i, (units, row) in enumerate(zip(refs.unit_layout(b), expected)):
-        assert refs.kept_per_unit(out, b, i) == [kept for kept, _ in row], f"row {i}"
-        slots = {int(p): s for s, p in enumerate(out.kept_index[i].tolist()) if out.kept_mask[i, s]}
-        for (_, start, _), (kept, ref_hidden) in zip(units, row):
-            got = hidden[i, [slots[start + j] for j in kept]]
-            torch.testing.assert_close(got.double(), ref_hidden, atol=HIDDEN_ATOL, rtol=0, msg=f"row {i}")
-        text = [p for p in slots if b["input_ids"][i, p] not in (tq.IMAGE_ID, tq.VIDEO_ID)]
-        assert torch.equal(hidden[i, [slots[p] for p in text]], emb(b["input_ids"][i, text]))
-
-
 # --------------------------------------------------------------------------- 1. vs the slow reference
 
 # defaults (ratios 0.45 / 0.05), a ratio and a count split 54:10, given counts, contextual cut to
@@ -99,9 +67,9 @@ def test_matches_slow_reference_on_mixed_batch(family, opts):
     # text-only row, one and two images of different sizes, a video, an image + a video, left padded
     model, b = model_of(family), batch_of(family)
     expected = reference(family, **opts)
-    with applied(model, **opts), torch.no_grad(), _LayerInput(model) as seen:
+    with applied(model, **opts), torch.no_grad(), refs.LayerInput(model) as seen:
         out = model(**b)
-    assert_matches_reference(model, out, seen.hidden, b, expected)
+    refs.assert_matches_reference(model, out, seen.hidden, b, expected)
     if opts == dict(keep=0.5):
         # the contextual merge has something to merge here (a 12-token unit: 5 dominant, 1 target
         # taking the other 6), and the total per unit is the budget
@@ -115,9 +83,9 @@ def test_matches_slow_reference_with_eager_vision_attention(family):
     # the capture wraps whichever attention function the tower uses
     model, b = model_of(family, "eager"), batch_of(family)
     expected = vz.visionzip_reference(model, b, keep=0.5)
-    with applied(model, keep=0.5), torch.no_grad(), _LayerInput(model) as seen:
+    with applied(model, keep=0.5), torch.no_grad(), refs.LayerInput(model) as seen:
         out = model(**b)
-    assert_matches_reference(model, out, seen.hidden, b, expected)
+    refs.assert_matches_reference(model, out, seen.hidden, b, expected)
 
 
 def test_ranking_blocks_are_the_published_ones():
@@ -164,9 +132,9 @@ def test_received_attention_matches_reference(family, monkeypatch):
             assert not torch.allclose(big["block_received"], big["received"])
         # and the whole reduced forward (a unit of 42 tokens, chunked) selects as the reference
         expect = vz.visionzip_reference(model, b, keep=0.25, ranking=expected)
-        with applied(model, keep=0.25), _LayerInput(model) as seen:
+        with applied(model, keep=0.25), refs.LayerInput(model) as seen:
             res = model(**b)
-        assert_matches_reference(model, res, seen.hidden, b, expect)
+        refs.assert_matches_reference(model, res, seen.hidden, b, expect)
 
 
 # --------------------------------------------------------------------------- 3. positions, DeepStack
