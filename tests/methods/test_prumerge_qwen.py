@@ -136,21 +136,8 @@ def batch_scores(model, b: dict) -> dict:
 def reference(model, b: dict, keep, *, scores=None, branches=None, **opts):
     """Per row, per unit in prompt order: (kept local indices, hidden states [k, D] fp64)."""
     scores = scores if scores is not None else batch_scores(model, b)
-    next_item, current, out = {"image": 0, "video": 0}, {"image": None, "video": None}, []
-    for units in refs.unit_layout(b):
-        row = []
-        for kind, _, n in units:
-            if current[kind] is None or current[kind][1] == 0:      # a new image / video
-                item = scores[kind][next_item[kind]]
-                next_item[kind] += 1
-                current[kind] = (item, item["features"].shape[0] // n, 0)
-            item, left, at = current[kind]
-            current[kind] = (item, left - 1, at + 1)
-            part = slice(at * n, (at + 1) * n)
-            row.append(prumerge_plus_unit(item["features"][part], item["cls_attn"][part], item["metric"][part], keep,
-                                          branches=branches, **opts))
-        out.append(row)
-    return out
+    return refs.per_unit(b, scores, lambda item, part, n: prumerge_plus_unit(
+        item["features"][part], item["cls_attn"][part], item["metric"][part], keep, branches=branches, **opts))
 
 
 # --------------------------------------------------------------------------- helpers

@@ -449,3 +449,24 @@ def assert_matches_reference(model, out, hidden, b, expected, atol: float = 1e-5
             torch.testing.assert_close(got.double(), ref_hidden, atol=atol, rtol=0, msg=f"row {i}")
         text = [p for p in slots if b["input_ids"][i, p] not in (tq.IMAGE_ID, tq.VIDEO_ID)]
         assert torch.equal(hidden[i, [slots[p] for p in text]], emb(b["input_ids"][i, text]))
+
+
+def per_unit(batch: dict, items: dict, fn) -> list[list]:
+    """``fn(item, rows, n)`` for every visual unit of ``batch``, per row in prompt order: ``items``
+    holds per kind the batch's images / videos in order (each a dict of per-token tensors); a
+    video's frame groups take consecutive ``rows`` of its item."""
+    next_item = {"image": 0, "video": 0}
+    current = {"image": None, "video": None}          # (item, frame groups it has left, next frame)
+    out = []
+    for units in unit_layout(batch):
+        row = []
+        for kind, _, n in units:
+            if current[kind] is None or current[kind][1] == 0:      # a new image / video
+                item = items[kind][next_item[kind]]
+                next_item[kind] += 1
+                current[kind] = (item, item["features"].shape[0] // n, 0)
+            item, left, at = current[kind]
+            current[kind] = (item, left - 1, at + 1)
+            row.append(fn(item, slice(at * n, (at + 1) * n), n))
+        out.append(row)
+    return out

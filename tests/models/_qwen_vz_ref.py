@@ -190,20 +190,5 @@ def visionzip_unit(features: torch.Tensor, received: torch.Tensor, keys: torch.T
 def visionzip_reference(model, batch: dict, *, keep=None, dominant=None, contextual=None, ranking=None):
     """Per row, per unit in prompt order: (kept local indices, hidden states [k, D] fp64)."""
     ranking = ranking if ranking is not None else batch_ranking(model, batch)
-    next_item = {"image": 0, "video": 0}
-    current = {"image": None, "video": None}          # (item, frame groups it has left, next frame)
-    out = []
-    for units in refs.unit_layout(batch):
-        row = []
-        for kind, _, n in units:
-            if current[kind] is None or current[kind][1] == 0:      # a new image / video
-                item = ranking[kind][next_item[kind]]
-                next_item[kind] += 1
-                current[kind] = (item, item["features"].shape[0] // n, 0)
-            item, left, at = current[kind]
-            current[kind] = (item, left - 1, at + 1)
-            part = slice(at * n, (at + 1) * n)
-            dom, ctx = split(n, keep, dominant, contextual)
-            row.append(visionzip_unit(item["features"][part], item["received"][part], item["keys"][part], dom, ctx))
-        out.append(row)
-    return out
+    return refs.per_unit(batch, ranking, lambda item, part, n: visionzip_unit(
+        item["features"][part], item["received"][part], item["keys"][part], *split(n, keep, dominant, contextual)))
