@@ -122,14 +122,13 @@ def llm_context(lm, seq: Sequence, layer: int, units: list[int], visual_mask: Op
     keys = query = scale = None
     if cap is not None and "k" in cap:
         keys, query, scale = cap["k"], cap["q"], cap["scale"]
-    idx = torch.tensor(units, dtype=torch.long).to(seq.hidden.device, non_blocking=True)
-    rows = [spans.row[u] for u in units]
-    identity = rows == list(range(seq.hidden.shape[0]))
+    row_t, start_t = spans.of_units(units)
+    identity = [spans.row[u] for u in units] == list(range(seq.hidden.shape[0]))
     h, w = spans.grid[units[0]]
-    return LLMContext(hidden=seq.hidden, image_start=spans.start_t.index_select(0, idx), num_image_tokens=h * w,
+    return LLMContext(hidden=seq.hidden, image_start=start_t, num_image_tokens=h * w,
                       grid=(h, w), attention_mask=seq.mask[:, -length:], query_index=seq.query_index, keys=keys,
                       query=query, scale=scale, final_norm=lm.norm,
-                      span_row=None if identity else spans.row_t.index_select(0, idx),
+                      span_row=None if identity else row_t,
                       visual_mask=visual_mask, kind=spans.kind[units[0]])
 
 
@@ -150,10 +149,10 @@ def select_units(seq: Sequence, select: Callable[[list[int], Optional[Tensor]], 
         for j, u in enumerate(units):
             count[u], offset[u] = k, at + j * k
         at += len(units) * k
-        idx = torch.tensor(units, dtype=torch.long).to(dev, non_blocking=True)
-        src = spans.start_t.index_select(0, idx)[:, None] + sel.index                     # [S, k] in the row
+        row_t, start_t = spans.of_units(units)
+        src = start_t[:, None] + sel.index                                                # [S, k] in the row
         srcs.append(src.reshape(-1))
-        hiddens.append((sel.hidden, spans.row_t.index_select(0, idx)[:, None] * length + src))
+        hiddens.append((sel.hidden, row_t[:, None] * length + src))
     hidden = None
     if any(h is not None for h, _ in hiddens):
         # Groups whose method keeps tokens as they are take their own rows.

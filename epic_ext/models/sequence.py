@@ -49,6 +49,16 @@ class Spans:
     def length(self) -> list[int]:
         return [h * w for h, w in self.grid]
 
+    def of_units(self, units: list[int]) -> tuple[Tensor, Tensor]:
+        """(row [S], start [S]) device tensors of ``units`` (one host-to-device copy per group,
+        cached: the method's context and the slot gather both read them)."""
+        key = tuple(units)
+        cache = self.__dict__.setdefault("_of_units", {})
+        if key not in cache:
+            idx = torch.tensor(units, dtype=torch.long).to(self.device, non_blocking=True)
+            cache[key] = (self.row_t.index_select(0, idx), self.start_t.index_select(0, idx))
+        return cache[key]
+
     def buckets(self) -> list[list[int]]:
         """Unit numbers grouped by grid (then kind): one batched method call per group."""
         groups: dict[tuple, list[int]] = {}
