@@ -165,7 +165,7 @@ def test_loglikelihood_matches_the_stock_model(saved, one_thread, family):
     for (logp, greedy), req in zip(got, requests):
         context, continuation, to_visual, doc_id, _, _ = req.args
         images = model._visuals(to_visual, "epic_vqa", "test", doc_id)
-        inputs = model._inputs([model._prompt(context, len(images))], [images])
+        inputs = model.runner.inputs([model.runner.prompt(context, len(images))], [images])
         cont = model.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
         ids = torch.cat([inputs["input_ids"], cont], 1)
         media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
