@@ -247,3 +247,45 @@ class EpicExt(lmms):
                                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=1, default=str)
                 os.replace(tmp, path)
         super().clean()
+
+
+class LmmsHarness:
+    """The ``lmms`` harness of ``epic-ext eval`` (see :mod:`epic_ext.eval.grid`): one
+    :class:`EpicExt` loaded once, every cell through ``lmms_eval.evaluator.simple_evaluate`` in
+    this process (tasks indexed once, ``include_path`` added to lmms-eval's own)."""
+
+    def __init__(self, spec) -> None:
+        from lmms_eval.tasks import TaskManager
+        self.spec = spec
+        self.task_manager = TaskManager("WARNING", include_path=spec.include_path, model_name="epic_ext")
+        unknown = [t for t in spec.tasks if t not in self.task_manager.all_tasks]
+        if unknown:
+            where = f" (nor in include_path {spec.include_path})" if spec.include_path else ""
+            raise ValueError(f"tasks: lmms-eval has no task {', '.join(map(repr, unknown))}{where}")
+        self.lm = EpicExt(spec.model, device=spec.device, dtype=spec.dtype, batch_size=spec.batch_size,
+                          max_new_tokens=spec.max_new_tokens, **spec.model_args)
+        self.device = self.lm.device
+
+    def version(self) -> dict:
+        from importlib.metadata import version
+        return {"lmms_eval": version("lmms-eval")}
+
+    def evaluate(self, cell, method_kwargs: dict) -> dict:
+        from lmms_eval.evaluator import simple_evaluate
+        from lmms_eval.models.model_utils.gen_metrics import reset_logged_metrics
+        self.lm.set_method(cell.method, cell.keep, **method_kwargs)
+        reset_logged_metrics()
+        results = simple_evaluate(model=self.lm, tasks=list(self.spec.tasks), batch_size=self.spec.batch_size,
+                                  limit=self.spec.limit, task_manager=self.task_manager, log_samples=False,
+                                  verbosity="WARNING")
+        records = [r for part, _ in self.lm._gathered() for r in part]
+        out = {"scores": {}, "samples": {}, "efficiency": self.lm.efficiency_summary(records)}
+        if results is None:         # ranks > 0: lmms-eval returns the results on rank 0 only
+            return out
+        for task, metrics in results["results"].items():
+            out["scores"][task] = {name.removesuffix(",none"): float(value) for name, value in metrics.items()
+                                   if "," in name and "_stderr" not in name and isinstance(value, (int, float))
+                                   and not isinstance(value, bool)}
+            n = results.get("n-samples", {}).get(task, {})
+            out["samples"][task] = n.get("effective", n.get("original"))
+        return out
