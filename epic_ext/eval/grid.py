@@ -163,18 +163,22 @@ def cell_key(spec: GridSpec, cell: Cell, harness_version: dict) -> dict:
             "method": cell.method, "keep": cell.keep, "options": spec.method_kwargs(cell)}
 
 
-def load_harness(spec: GridSpec):
-    """The harness object of ``spec`` (its module imported now: a missing package is a clear
-    error before anything runs)."""
+def harness_class(spec: GridSpec):
+    """The harness class of ``spec`` (its module imported now: a missing package is a clear error
+    before anything runs)."""
     module, name = HARNESSES[spec.harness].split(":")
     try:
-        cls = getattr(importlib.import_module(module), name)
+        return getattr(importlib.import_module(module), name)
     except ImportError as e:
         raise ValueError(f"harness: {spec.harness!r} needs a package that is not installed ({e}); "
                          + {"lmms": "pip install -e '.[eval]'",
                             "vlmeval": "install VLMEvalKit from its repository (README: Evaluating)"}.get(
                              spec.harness, "")) from None
-    return cls(spec)
+
+
+def load_harness(spec: GridSpec):
+    """A harness object for ``spec`` (it loads the model)."""
+    return harness_class(spec)(spec)
 
 
 def _rank() -> int:
@@ -199,8 +203,8 @@ def run_grid(spec: GridSpec, out, *, rerun: bool = False, progress: bool = True,
     cells_dir = out / "cells"
     if main:
         cells_dir.mkdir(parents=True, exist_ok=True)
-    harness = harness if harness is not None else load_harness(spec)
-    version = harness.version()
+    # The model is loaded only when a cell is left to run (version() is a static method).
+    version = (harness if harness is not None else harness_class(spec)).version()
     keys = {c: cell_key(spec, c, version) for c in spec.cells()}
     done = {}
     for cell, key in keys.items():
@@ -215,6 +219,8 @@ def run_grid(spec: GridSpec, out, *, rerun: bool = False, progress: bool = True,
     todo = [c for c in keys if c not in done]
     if main and done:
         log(f"[eval] reusing {len(done)} finished cell(s) in {cells_dir}: {', '.join(c.name for c in done)}")
+    if todo and harness is None:
+        harness = load_harness(spec)
     bar = tqdm(total=len(keys), initial=len(done), desc="eval grid", unit="cell", disable=not (progress and main))
     for cell in todo:
         bar.set_postfix_str(cell.name)
@@ -228,8 +234,8 @@ def run_grid(spec: GridSpec, out, *, rerun: bool = False, progress: bool = True,
         bar.update(1)
     bar.close()
     from ..machine import machine_info
-    device = getattr(harness, "device", None)
-    report = {"spec": spec.as_dict(), "machine": machine_info(getattr(device, "type", "cpu") or "cpu"),
+    device = getattr(harness, "device", None) or spec.device      # None: pick_device's choice
+    report = {"spec": spec.as_dict(), "machine": machine_info(None if device is None else str(device)),
               "harness_version": version, "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "cells": [{**{k: v for k, v in done[c].items() if k != "key"}, "reused": c not in todo}
                         for c in keys]}

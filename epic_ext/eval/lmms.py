@@ -266,7 +266,8 @@ class LmmsHarness:
                           max_new_tokens=spec.max_new_tokens, **spec.model_args)
         self.device = self.lm.device
 
-    def version(self) -> dict:
+    @staticmethod
+    def version() -> dict:
         from importlib.metadata import version
         return {"lmms_eval": version("lmms-eval")}
 
