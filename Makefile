@@ -11,7 +11,7 @@ export EPIC_EXT_CUDA ?= auto
 KERNEL_SOURCES := $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh csrc/include/epic/*.h python/*.cpp) setup.py
 CMAKE_DIR := build/cmake
 
-.PHONY: all build test test-python test-cpp test-asan test-gpu gpu-check demo demo-quick bench clean
+.PHONY: all build test test-python test-cpp test-asan test-eval test-gpu gpu-check demo demo-quick bench clean
 
 all: build
 
@@ -43,6 +43,15 @@ test-python: build
 	TRITON_INTERPRET=1 $(PY) -m pytest tests
 
 test: test-cpp test-python
+
+# The evaluation harnesses end to end (tests/eval): installs the `eval` extra (lmms-eval, ~1.3 GB,
+# requirements-eval.txt) into .venv first. CI runs it after `make test`.
+$(VENV)/.eval: $(VENV)/.deps requirements-eval.txt
+	$(PY) -m pip install -q -r requirements-eval.txt
+	touch $@
+
+test-eval: build $(VENV)/.eval
+	$(PY) -m pytest tests/eval
 
 # GPU machine. test-gpu: the kernel tests with the CUDA kernels and compiled Triton (no
 # TRITON_INTERPRET) plus the GPU-sized tests/gpu; it builds first when there is a .venv, else it

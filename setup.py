@@ -75,6 +75,11 @@ if build_cuda:
     extra["nvcc"] = ["-O3", "-std=c++20", "--fmad=true", "-lineinfo",
                      "--expt-relaxed-constexpr", "-DEPIC_WITH_CUDA"]
 
+def requirement_lines(name: str) -> list:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)) as f:
+        return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+
+
 setup(
     name="epic-ext",
     version="0.1.0",
@@ -96,9 +101,8 @@ setup(
     package_data={"epic_ext.eval": ["tasks/epic_vqa/*.yaml", "tasks/epic_vqa/*.py"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4,<=2.14.1", "numpy"],
-    # eval: lmms-eval 0.7.3 imports filelock._api, gone in filelock 4.
-    extras_require={"test": ["pytest", "triton"], "bench": ["matplotlib"],
-                    "eval": ["lmms-eval==0.7.3", "filelock<4"]},
+    # eval: lmms-eval and what it needs pinned, from requirements-eval.txt (make test-eval's list).
+    extras_require={"test": ["pytest", "triton"], "bench": ["matplotlib"], "eval": requirement_lines("requirements-eval.txt")},
 )
 
 # Loud, last in the build output: with a GPU visible, a CPU-only build sends CUDA tensors to the

@@ -3,6 +3,7 @@
     epic-ext info                     backends, torch version, device
     epic-ext bench [benchmark args]   the microbenchmarks of a source checkout (python -m benchmarks)
     epic-ext infer / train / demo     inference with a method, EPIC training, the demo
+    epic-ext eval                     methods x budgets on benchmark tasks (lmms-eval, VLMEvalKit)
 
 Mistakes (bad arguments, missing files, bad configs) print one line, `epic-ext <command>: error:
 ...`, and exit with status 2; `--debug` (or EPIC_EXT_DEBUG=1) shows the traceback too.
@@ -169,6 +170,14 @@ from .cli_infer import _configure_infer, _infer, _note  # noqa: E402
 
 command("infer", "answer prompts about images with a token-reduction method and report tokens, KV bytes, "
                  "FLOPs and latency", _configure_infer)(_infer)
+
+
+# --------------------------------------------------------------------------- eval (cli_eval.py)
+
+from .cli_eval import _configure_eval, _eval  # noqa: E402
+
+command("eval", "score a model under methods x budgets on benchmark tasks (lmms-eval, VLMEvalKit or the local "
+                "task); JSON, table and plot of score against visual tokens", _configure_eval)(_eval)
 
 
 # --------------------------------------------------------------------------- train

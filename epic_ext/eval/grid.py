@@ -95,10 +95,10 @@ class GridSpec:
             raise ValueError(f"harness: one of {', '.join(HARNESSES)}, got {self.harness!r}")
         if not self.methods and not self.baseline:
             raise ValueError("methods: none given (and no baseline)")
-        known = available_methods()
+        known = sorted(set(available_methods()) - {"none"})     # the baseline cell is "none"
         for m in self.methods:
-            if m == "none" or m not in known:
-                raise ValueError(f"methods: unknown method {m!r}; choose from {', '.join(sorted(known))}")
+            if m not in known:
+                raise ValueError(f"methods: unknown method {m!r}; choose from {', '.join(known)}")
         if self.methods and not self.keeps:
             raise ValueError("keep: give at least one budget")
         for k in self.keeps:
@@ -106,6 +106,10 @@ class GridSpec:
                 raise ValueError(f"keep: a count (integer >= 1) or a ratio in (0, 1), got {k!r}")
         if len(set(self.keeps)) != len(self.keeps) or len(set(self.methods)) != len(self.methods):
             raise ValueError("methods / keep: repeated values")
+        from ..methods import get_method
+        for name in self.method_options:
+            if not any(get_method(m).has_option(name) for m in self.methods):
+                raise ValueError(f"method_options: {name!r} is an option of none of {', '.join(self.methods)}")
         if not self.tasks or not all(isinstance(t, str) and t for t in self.tasks):
             raise ValueError(f"tasks: give at least one task, got {self.tasks!r}")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
