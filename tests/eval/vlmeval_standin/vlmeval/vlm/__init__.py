@@ -1,0 +1,2 @@
+from .base import BaseModel  # noqa: F401
+__all__ = ["BaseModel"]
