@@ -242,7 +242,7 @@ class VLMEvalHarness:
     ``evaluate`` keywords, e.g. ``{"nproc": 8}``); both are part of the cell key. Without a judge,
     multiple-choice and yes/no datasets are scored by exact matching, other datasets get their
     ``evaluate``'s own default (many need a judge API). Image datasets only (no video, no
-    multi-turn)."""
+    multi-turn). One process: the rows are not split across ranks."""
 
     def __init__(self, spec, *, work_dir=None) -> None:
         args = dict(spec.model_args)
@@ -291,7 +291,21 @@ class VLMEvalHarness:
                 os.environ["LMUData"] = old
 
     def version(self) -> dict:
-        return {"vlmeval": str(getattr(vlmeval, "__version__", "?"))}
+        """VLMEvalKit's version, and its checkout's commit when it is one (the version string
+        changes rarely; datasets and scoring change with commits)."""
+        import subprocess
+        out = {"vlmeval": str(getattr(vlmeval, "__version__", "?"))}
+        checkout = Path(vlmeval.__file__).resolve().parent.parent
+        if not (checkout / ".git").exists():          # an installed copy (or one inside another repository)
+            return out
+        try:
+            commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True,
+                                    text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return out
+        if commit.returncode == 0 and commit.stdout.strip():
+            out["vlmeval_commit"] = commit.stdout.strip()
+        return out
 
     def _rows(self, n: int) -> int:
         limit = self.spec.limit
