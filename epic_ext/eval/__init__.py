@@ -26,26 +26,39 @@ def lmms_manifest():
     return ModelManifest(model_id=LMMS_MODEL_ID, simple_class_path=LMMS_CLASS_PATH)
 
 
-def write_local_task(folder, *, n: int = 6, seed: int = 0, image_size: int = 112, task: str = LOCAL_TASK) -> Path:
+def write_local_task(folder, *, n: int = 6, seed: int = 0, image_size: int = 112, task: str = LOCAL_TASK,
+                     **synthetic_options) -> Path:
     """Write ``n`` synthetic VQA samples (PNG images + ``data.jsonl``: image path, question,
     answer, choices (the question type's answer set), label (the answer's index)) under ``folder``
     and two task YAMLs that include the shipped ones in ``tasks/epic_vqa`` and name the data by
     absolute path (lmms-eval 0.7.3 resolves a relative ``data_files`` against the YAML's folder;
     older releases against the working directory): ``<task>`` (generation, exact match) and
     ``<task>_mc`` (multiple choice by log-likelihood, accuracy). Returns ``folder`` (pass it as
-    ``--include_path``)."""
+    ``--include_path``).
+
+    ``synthetic_options``: :func:`epic_ext.train.synthetic.generate`'s scene options (``grid``,
+    ``min_objects``, ``max_objects``, ``question_types``); the samples are ``generate(n, seed,
+    **synthetic_options)`` rendered at ``image_size`` px (a model's vision input size: no resize at
+    preprocessing)."""
     from ..train import synthetic
 
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
+    unknown = set(synthetic_options) - {"grid", "min_objects", "max_objects", "question_types"}
+    if unknown:
+        raise TypeError(f"write_local_task: unknown option(s) {', '.join(sorted(unknown))}")
     if not str(task).isidentifier():
         raise ValueError(f"task: {task!r} is not a plain name")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size: a positive pixel count, got {image_size!r}")
     folder = Path(folder).resolve()
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
+    records = synthetic.generate(n, seed=seed, **synthetic_options)   # checks the options
+    # Choices: the question type's answers on this board (a 2x2 grid has 4 positions).
+    answer_sets = synthetic.answer_sets(synthetic_options.get("grid", 3), synthetic_options.get("max_objects", 4))
     rows = []
-    answer_sets = synthetic.answer_sets()
-    for i, record in enumerate(synthetic.generate(n, seed=seed)):
+    for i, record in enumerate(records):
         question, answer = synthetic.first_qa(record)
         choices = answer_sets[record["question_types"][0]]
         path = images / f"{i:04d}.png"
