@@ -197,7 +197,10 @@ class EpicExt(lmms):
         return order.get_original(results)
 
     def loglikelihood(self, requests) -> list:
-        """log P(continuation | context, images) under the reduced model, one request at a time."""
+        """Per request (context, continuation), one at a time: the continuation's mean negative
+        log-likelihood per token under the reduced model, and whether greedy decoding gives it.
+        A loss, not a log-probability: lmms-eval's built-in models return the LM loss there and its
+        multiple_choice scoring picks the choice of least value (argmin, 0.7.3's api/task.py)."""
         out = []
         for request in tqdm(requests, disable=self.rank != 0, desc="epic_ext loglikelihood"):
             context, continuation, doc_to_visual, doc_id, task, split = request.args
@@ -206,7 +209,7 @@ class EpicExt(lmms):
             # lmms-eval 0.7.3's evaluator passes every response through unwrap_generation_output,
             # which turns a bare (float, bool) into its str(); a GenerationResult's text is handed
             # over as it is, so the pair travels in one (multiple-choice tasks then score).
-            out.append(GenerationResult(text=(total, greedy), token_counts=TokenCounts(
+            out.append(GenerationResult(text=(-total / n_out, greedy), token_counts=TokenCounts(
                 input_tokens=n_in, output_tokens=n_out)))
         return out
 

@@ -152,8 +152,8 @@ def test_text_only_requests(saved, one_thread, family):
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
 def test_loglikelihood_matches_the_stock_model(saved, one_thread, family):
-    """method none: log P(answer | prompt, image) equals the stock model's, token by token
-    summed; with DART it is a finite log-probability of the reduced model."""
+    """method none: the mean loss per answer token (lmms-eval's loglikelihood convention) equals the
+    stock model's; with DART it is a finite positive loss of the reduced model."""
     from epic_ext.models.loading import load_model
     requests, task_dict = _requests(saved, "loglikelihood")
     requests = requests[:3]
@@ -162,7 +162,7 @@ def test_loglikelihood_matches_the_stock_model(saved, one_thread, family):
     got = [r.text for r in model.loglikelihood(requests)]
 
     stock = load_model(saved / family)
-    for (logp, greedy), req in zip(got, requests):
+    for (loss, greedy), req in zip(got, requests):
         context, continuation, to_visual, doc_id, _, _ = req.args
         images = model._visuals(to_visual, "epic_vqa", "test", doc_id)
         inputs = model.runner.inputs([model.runner.prompt(context, len(images))], [images])
@@ -175,13 +175,13 @@ def test_loglikelihood_matches_the_stock_model(saved, one_thread, family):
             logits = stock(input_ids=ids, attention_mask=torch.ones_like(ids), **media).logits[0].double()
         n = cont.shape[1]
         expect = torch.log_softmax(logits[-n - 1:-1], -1).gather(-1, cont[0][:, None]).sum().item()
-        assert logp == pytest.approx(expect, abs=1e-4)
+        assert loss == pytest.approx(-expect / n, abs=1e-4)      # lmms-eval's convention: the mean loss
         assert greedy == bool((logits[-n - 1:-1].argmax(-1) == cont[0]).all())
 
     dart = _model(saved, family, method="dart", keep=4, layer=2)
     dart.task_dict = task_dict
-    for logp, _ in (r.text for r in dart.loglikelihood(requests)):
-        assert logp < 0 and logp == logp
+    for loss, _ in (r.text for r in dart.loglikelihood(requests)):
+        assert loss > 0 and loss == loss
 
 
 def test_bad_model_args(saved, tmp_path):
