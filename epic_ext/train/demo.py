@@ -13,9 +13,13 @@ step budget (``protocol="continue"``, the default):
   icd             both
 ``protocol="scratch"`` trains every variant from the random init for the vanilla budget instead:
 the paper's setting, where EPIC replaces the SFT stage.
-Each model is evaluated at 576 / 192 / 128 / 64 / 36 visual tokens with DART, FastV and random.
-The accuracy table, an efficiency table (KV bytes, FLOPs, measured prefill) and a plot are
-written under the output folder; ``benchmarks/demo_sweep.py`` repeats it over seeds.
+Each model is evaluated at 576 / 192 / 128 / 64 / 36 visual tokens with DART, FastV and random,
+through the ``epic-ext eval`` grid (:func:`epic_ext.eval.grid.run_grid`, the ``local`` harness) on
+one task folder of held-out questions (``eval/task-<digest>``, written by
+:func:`epic_ext.eval.write_local_task`): per variant ``eval/<variant>/`` holds the grid's cells,
+eval.json / eval.md / eval.png; 576 tokens is the grid's unreduced baseline. The accuracy table,
+an efficiency table (KV bytes, FLOPs, measured prefill and decode) and a plot are written under
+the output folder; ``benchmarks/demo_sweep.py`` repeats it over seeds.
 """
 from __future__ import annotations
 
@@ -127,13 +131,10 @@ def run_demo(out_dir="runs/demo", quick: bool = False, recipe: DemoRecipe | None
              seed: int | None = None, reuse: bool = False, progress: bool = True) -> dict:
     """Train the vanilla model and ``recipe.variants``, evaluate every one at every budget and
     method, write demo.json and demo.png under ``out_dir`` and return the result. ``reuse``
-    keeps runs already trained in ``out_dir`` from the same configuration."""
-    from ..cost import prefill_cost
+    keeps runs already trained in ``out_dir`` from the same configuration, and grid cells already
+    evaluated on them."""
     from .config import TrainConfig
-    from .data import LlavaConversationDataset
-    from .evaluate import evaluate
-    from .synthetic import generate, majority_baseline, render_images
-    from .tokenizer import build_tokenizer
+    from .synthetic import generate, majority_baseline
 
     recipe = recipe or (QUICK if quick else FULL)
     if seed is not None:
@@ -175,43 +176,69 @@ def run_demo(out_dir="runs/demo", quick: bool = False, recipe: DemoRecipe | None
             log(format_tables(saved))
             return saved
 
-    from transformers import LlavaForConditionalGeneration
-    tok = build_tokenizer(model_vocab(vanilla.final_dir))
-    records = generate(recipe.n_eval, seed=12345, **recipe.synthetic)
-    ds = LlavaConversationDataset(records, render_images(records), tok)
-    samples = [ds[i] for i in range(len(ds))]
-    acc, timing = {}, {}
-    for name, res in runs.items():
-        model = LlavaForConditionalGeneration.from_pretrained(res.final_dir).eval()
-        for method in recipe.methods:
-            for keep in recipe.budgets:
-                if keep == 576 and method != recipe.methods[0]:
-                    acc[(name, method, keep)] = acc[(name, recipe.methods[0], keep)]
-                    continue
-                r = evaluate(model, samples, tok, method=method, keep=keep, layer=recipe.layer,
-                             batch_size=recipe.eval_batch)
-                acc[(name, method, keep)] = r["accuracy"]
-                timing[(method, keep)] = r
-        log(f"[demo] evaluated {name}")
-    cfg = model.config
-    prompt_len = int(sum(len(s["input_ids"][:s["query_index"] + 1]) for s in samples) / len(samples))
+    acc, summaries, grids = _evaluate(runs, recipe, out, reuse=reuse, progress=progress, log=log)
     eff = []
-    for keep in recipe.budgets:
-        cost = prefill_cost(cfg, prompt_len, keep, recipe.layer if keep < 576 else 0, bytes_per_element=4)
-        r = timing.get((recipe.methods[0], keep))
-        eff.append({"keep": keep, "kv_bytes": cost.kv_bytes, "prefill_gflop": cost.flops / 1e9,
-                    "prefill_ms_per_batch": None if r is None else r["prefill_s"] * 1e3,
-                    "decode_ms_per_token": None if r is None else r["decode_s_per_token"] * 1e3})
+    for keep in recipe.budgets:        # measured on the vanilla model, evaluated with the first method
+        e = summaries.get((recipe.methods[0], keep)) or {}
+        eff.append({"keep": keep, "kv_bytes": e.get("mean_kv_bytes"),
+                    "prefill_gflop": None if e.get("mean_prefill_flops") is None else e["mean_prefill_flops"] / 1e9,
+                    "prefill_ms_per_batch": e.get("mean_prefill_ms"),
+                    "decode_ms_per_token": e.get("mean_decode_ms_per_token")})
     result = {"recipe": recipe_dict,
               "question_only_baseline": majority_baseline(generate(2000, seed=777, **recipe.synthetic)),
               "accuracy": [{"variant": v, "method": m, "keep": k, "accuracy": a} for (v, m, k), a in acc.items()],
               "efficiency": eff, "train_seconds": t_train, "total_seconds": time.time() - t_start,
               "step_time_s": {name: res.step_time_s for name, res in runs.items()},
-              "reused_runs": [name for name, res in runs.items() if not res.history]}
+              "reused_runs": [name for name, res in runs.items() if not res.history], "eval": grids}
     (out / "demo.json").write_text(json.dumps(result, indent=1))
     log(format_tables(result))
     _plot(result, out / "demo.png")
     return result
+
+
+EVAL_SEED = 12345      # the held-out questions (training data uses recipe.seed)
+
+
+def eval_task(recipe: DemoRecipe, out: Path, image_size: int) -> Path:
+    """The held-out questions as a local task folder (``generate(n_eval, seed=12345,
+    **recipe.synthetic)`` rendered at the model's image size), named by what it holds: a grid
+    cell's key names its tasks by path, so a changed recipe gets a new folder and new cells."""
+    import hashlib
+    from ..eval import write_local_task
+    what = {"n": recipe.n_eval, "seed": EVAL_SEED, "image_size": image_size, **recipe.synthetic}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+    return write_local_task(out / "eval" / f"task-{digest}", n=recipe.n_eval, seed=EVAL_SEED,
+                            image_size=image_size, **recipe.synthetic)
+
+
+def _evaluate(runs: dict, recipe: DemoRecipe, out: Path, *, reuse: bool, progress: bool, log) -> tuple:
+    """Every trained variant through the eval grid (local harness): the budgets below the
+    model's visual tokens per method, the others as the unreduced baseline. Returns accuracy per
+    (variant, method, budget), the vanilla model's efficiency summary per (method, budget) and
+    each variant's grid folder."""
+    from ..eval.grid import GridSpec, run_grid
+    config = json.loads((Path(runs["vanilla"].final_dir) / "config.json").read_text())
+    n_image = config.get("image_seq_length", 576)
+    task = eval_task(recipe, out, config["vision_config"]["image_size"])
+    keeps = tuple(k for k in recipe.budgets if k < n_image)
+    full = [k for k in recipe.budgets if k >= n_image]
+    acc, summaries, grids = {}, {}, {}
+    for name, res in runs.items():
+        spec = GridSpec(model=res.final_dir, methods=recipe.methods if keeps else (), keeps=keeps, tasks=(str(task),),
+                        harness="local", layer=recipe.layer, batch_size=recipe.eval_batch, dtype="float32",
+                        baseline=bool(full))
+        grids[name] = str(out / "eval" / name)
+        report = run_grid(spec, grids[name], rerun=not reuse, progress=progress, log=lambda m: None)
+        cells = {(c["cell"]["method"], c["cell"]["keep"]): c for c in report["cells"]}
+        for method in recipe.methods:
+            for keep in recipe.budgets:
+                cell = cells[("none", None) if keep in full else (method, keep)]
+                (score,) = cell["scores"].values()
+                acc[(name, method, keep)] = score["exact_match"]
+                if name == "vanilla":
+                    summaries[(method, keep)] = cell["efficiency"]
+        log(f"[demo] evaluated {name} ({grids[name]})")
+    return acc, summaries, grids
 
 
 def _text_config(folder) -> dict:
@@ -239,7 +266,8 @@ def format_tables(result: dict) -> str:
         lines.append(f"  {method:<14}" + "".join(f"{k:>8}" for k in budgets))
         for v in variants:
             lines.append(f"  {v:<14}" + "".join(f"{acc.get((v, method, k), float('nan')):>8.3f}" for k in budgets))
-    lines.append("efficiency per request (cost model; prefill time measured per eval batch, DART)")
+    lines.append(f"efficiency per request (vanilla, {methods[0]}; KV and FLOPs from the cost model, prefill "
+                 "time of the request's eval batch)")
     lines.append(f"  {'tokens':>6} {'KV MiB':>8} {'GFLOP':>8} {'prefill ms':>11} {'decode ms/tok':>14}")
     for e in result["efficiency"]:
         pre = "-" if e["prefill_ms_per_batch"] is None else f"{e['prefill_ms_per_batch']:.1f}"

@@ -160,8 +160,8 @@ def test_multiple_choice_is_the_most_likely_choice(saved, one_thread):
 
 def test_tasks_by_folder_data_file_yaml_or_name(saved):
     folder = saved / "task"
-    for task, include in ((str(folder), None), (str(folder / "data.jsonl"), None), (str(folder / "epic_vqa.yaml"), None),
-                          ("epic_vqa", str(folder))):
+    named = (str(folder), str(folder / "data.jsonl"), str(folder / "epic_vqa.yaml"))
+    for task, include in [(t, None) for t in named] + [("epic_vqa", str(folder))]:
         t = load_task(task, include)
         assert t.name == "epic_vqa" and t.output_type == "generate_until" and len(t.docs) == N_DOCS
         assert t.text(t.docs[0]) == t.docs[0]["question"]           # the question alone

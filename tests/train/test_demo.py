@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,28 @@ def test_quick_demo_trains_every_variant_from_vanilla_and_reuses_them(quick_runs
     assert rows == {(v, "dart", k) for v in ("vanilla", "direct", "tcd") for k in recipe.budgets}
     table = format_tables(first)
     assert "tcd" in table and "question-only baseline" in table
+
+
+def test_quick_demo_evaluates_through_the_grid_and_reuses_its_cells(quick_runs):
+    """Each variant is a grid of the local harness (576 = its baseline); the evaluation-only
+    change ran only the new budget's cells; the efficiency rows are the vanilla grid's."""
+    out, recipe, first, second = quick_runs
+    assert set(second["eval"]) == {"vanilla", "direct", "tcd"}
+    for name, folder in second["eval"].items():
+        report = json.loads((Path(folder) / "eval.json").read_text())
+        assert report["spec"]["harness"] == "local" and report["spec"]["keeps"] == [64, 36]
+        assert {c["cell"]["name"]: c["reused"] for c in report["cells"]} == {"full": True, "dart@64": True,
+                                                                             "dart@36": False}
+        scores = {c["cell"]["name"]: c["scores"]["epic_vqa"]["exact_match"] for c in report["cells"]}
+        acc = {r["keep"]: r["accuracy"] for r in second["accuracy"] if r["variant"] == name}
+        assert acc == {576: scores["full"], 64: scores["dart@64"], 36: scores["dart@36"]}
+        assert all(c["samples"] == {"epic_vqa": recipe.n_eval} for c in report["cells"])
+    vanilla = {c["cell"]["name"]: c["efficiency"]
+               for c in json.loads((out / "eval" / "vanilla" / "eval.json").read_text())["cells"]}
+    eff = {e["keep"]: e for e in second["efficiency"]}
+    assert eff[576]["kv_bytes"] == vanilla["full"]["mean_kv_bytes"]
+    assert eff[36]["prefill_ms_per_batch"] == vanilla["dart@36"]["mean_prefill_ms"]
+    assert eff[64]["kv_bytes"] < eff[576]["kv_bytes"]
 
 
 def test_a_changed_recipe_retrains_instead_of_reusing(quick_runs):
