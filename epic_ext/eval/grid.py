@@ -189,6 +189,22 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _agree(todo: list, cells: list) -> list:
+    """Rank 0's list of cells to run, on every rank (a rank that read the folder after rank 0
+    wrote a cell would otherwise skip it, and the ranks' collectives would no longer match)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return todo
+    names = [[c.name for c in todo]]
+    dist.broadcast_object_list(names, src=0)
+    by_name = {c.name: c for c in cells}
+    return [by_name[n] for n in names[0]]
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
@@ -221,6 +237,11 @@ def run_grid(spec: GridSpec, out, *, rerun: bool = False, progress: bool = True,
             if saved.get("key") == key:
                 done[cell] = saved
     todo = [c for c in keys if c not in done]
+    if _world_size() > 1:
+        # Several processes: the harness joins their group (the model loads even with nothing left
+        # to run), then every rank runs rank 0's list.
+        harness = harness if harness is not None else load_harness(spec)
+        todo = _agree(todo, list(keys))
     if main and done:
         log(f"[eval] reusing {len(done)} finished cell(s) in {cells_dir}: {', '.join(c.name for c in done)}")
     if todo and harness is None:
@@ -242,7 +263,7 @@ def run_grid(spec: GridSpec, out, *, rerun: bool = False, progress: bool = True,
     report = {"spec": spec.as_dict(), "machine": machine_info(None if device is None else str(device)),
               "harness_version": version, "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "cells": [{**{k: v for k, v in done[c].items() if k != "key"}, "reused": c not in todo}
-                        for c in keys]}
+                        for c in keys if c in done]}        # other ranks: what they ran or read
     if main:
         from .report import format_table, plot
         _write_json(out / "eval.json", report)

@@ -279,9 +279,13 @@ class LmmsHarness:
         from lmms_eval.models.model_utils.gen_metrics import reset_logged_metrics
         self.lm.set_method(cell.method, cell.keep, **method_kwargs)
         reset_logged_metrics()
+        # As lmms-eval's own command line: "torchrun" whenever a process group is up (its
+        # "accelerate" path gathers a 0-d tensor, which fails on CPU / gloo).
+        backend = "torchrun" if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            else "accelerate"
         results = simple_evaluate(model=self.lm, tasks=list(self.spec.tasks), batch_size=self.spec.batch_size,
                                   limit=self.spec.limit, task_manager=self.task_manager, log_samples=False,
-                                  verbosity="WARNING")
+                                  verbosity="WARNING", distributed_executor_backend=backend)
         records = [r for part, _ in self.lm._gathered() for r in part]
         out = {"scores": {}, "samples": {}, "efficiency": self.lm.efficiency_summary(records)}
         if results is None:         # ranks > 0: lmms-eval returns the results on rank 0 only

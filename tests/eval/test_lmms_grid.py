@@ -163,3 +163,25 @@ def test_the_installed_package_registers_the_entry_point():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0 and run.stdout.strip().splitlines()[-1] == "EpicExt", run.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_two_processes_run_the_grid_once(saved, tmp_path):
+    """torchrun, 2 CPU processes (gloo): both ranks walk rank 0's list of cells; the scores and
+    efficiency cover every document once; a second launch reuses every cell."""
+    out = tmp_path / "eval"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_port", str(29900 + os.getpid() % 90)]
+    argv = [*launch, "-m", "epic_ext.cli", "eval", "--model", str(saved / "llava"), "--methods", "dart",
+            "--keep", "16", "--tasks", "epic_vqa", "--include-path", str(saved / "task"), "--batch-size", "2",
+            "--layer", "1", "--device", "cpu", "--out", str(out), "--quiet"]
+    first = subprocess.run(argv, env=_env(saved), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())
+    assert [c["cell"]["name"] for c in report["cells"]] == ["full", "dart@16"]
+    for cell in report["cells"]:
+        assert cell["samples"] == {"epic_vqa": N_DOCS} and cell["efficiency"]["requests"] == N_DOCS
+    full = report["cells"][0]["scores"]["epic_vqa"]["exact_match"]
+    assert full == pytest.approx(0.5)          # the same as in one process (the crafted answers)
+    again = subprocess.run(argv, env=_env(saved), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "reusing 2 finished cell(s)" in again.stdout, again.stderr[-3000:]
