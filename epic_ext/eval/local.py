@@ -27,9 +27,9 @@ calls), ``doc_to_target`` / ``doc_to_choice`` as document fields, ``generation_k
   ``string.punctuation`` deleted, with ``ignore_numbers`` every digit deleted; a hit is string
   equality (no whitespace normalisation: "top  left" != "top left"); the score is the mean.
 * ``multiple_choice``: one log-likelihood request per choice, continuation ``" " + choice``
-  (the default ``target_delimiter``); ``acc`` = whether the most likely choice is the label.
-  (lmms-eval takes the *argmin* of what the model returns, a loss; the prediction here is the
-  argmax of log P, the same choice for a model that returns a loss there.)
+  (the default ``target_delimiter``); lmms-eval predicts the *argmin* of what the model returns
+  (its built-in models, and ``epic_ext``, return the continuation's mean negative log-likelihood
+  per token), the first on ties; ``acc`` = whether that choice is the label.
 * ``limit``: an int keeps the first N documents, a float below 1 the first ceil(N * limit).
 
 Scores: ``{task name: {metric: value}}`` (the YAML's ``task``), as the lmms harness reports them.
@@ -346,8 +346,11 @@ class LocalHarness:
             context, images, choices = task.text(doc), task.visuals(doc), task.choices(doc)
             gold = task.target(doc)
             gold = choices.index(gold) if isinstance(gold, str) and gold in choices else gold
-            lls = [self.runner.loglikelihood(context, f"{delimiter}{c}", images)[0] for c in choices]
-            pred = max(range(len(lls)), key=lambda i: (lls[i], -i))       # the first most likely
+            losses = []
+            for choice in choices:
+                total, _, _, n_tokens = self.runner.loglikelihood(context, f"{delimiter}{choice}", images)
+                losses.append(-total / n_tokens)          # what the epic_ext lmms-eval model returns
+            pred = min(range(len(losses)), key=losses.__getitem__)          # the first least loss
             hits.append(float(pred == gold))
         names = [m.get("metric") for m in task.config.get("metric_list") or [{"metric": "acc"}]]
         if any(n != "acc" for n in names):

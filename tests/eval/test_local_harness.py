@@ -142,7 +142,7 @@ def test_qwen_cell_equals_a_direct_computation(saved, tmp_path, one_thread):
     assert {r["batch_size"] for r in harness.runner.records} == {3, 2}
 
 
-def test_multiple_choice_is_the_most_likely_choice(saved, one_thread):
+def test_multiple_choice_is_the_choice_of_least_loss_per_token(saved, one_thread):
     spec = _spec(saved, tasks=("epic_vqa_mc",), include_path=str(saved / "task"), limit=3)
     harness = LocalHarness(spec)
     result = harness.evaluate(Cell("dart", 64), {"layer": 2})
@@ -151,9 +151,10 @@ def test_multiple_choice_is_the_most_likely_choice(saved, one_thread):
     for doc in docs:
         from PIL import Image
         with Image.open(doc["image"]) as im:
-            lls = [harness.runner.loglikelihood(doc["question"], f" {c}", [im.convert("RGB")])[0]
+            lls = [harness.runner.loglikelihood(doc["question"], f" {c}", [im.convert("RGB")])
                    for c in doc["choices"]]
-        hits.append(float(max(range(len(lls)), key=lls.__getitem__) == doc["label"]))
+        per_token = [total / n for total, _, _, n in lls]
+        hits.append(float(per_token.index(max(per_token)) == doc["label"]))
     assert result["scores"] == {"epic_vqa_mc": {"acc": pytest.approx(sum(hits) / 3)}}
     assert result["samples"] == {"epic_vqa_mc": 3}
 
@@ -227,7 +228,8 @@ def test_local_and_lmms_harnesses_agree(saved, one_thread):
     pytest.importorskip("lmms_eval")
     pytest.importorskip("lmms_eval.api.model")
     from epic_ext.eval.lmms import LmmsHarness
-    spec = _spec(saved, tasks=("epic_vqa",), include_path=str(saved / "task"), batch_size=2)
+    spec = _spec(saved, tasks=("epic_vqa", "epic_vqa_mc"), include_path=str(saved / "task"), batch_size=2,
+                 limit=4)
     lmms, local = LmmsHarness(spec), LocalHarness(spec)
     timed = ("prefill_ms", "decode_ms_per_token")
     for cell in spec.cells():
