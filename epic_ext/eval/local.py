@@ -31,6 +31,10 @@ calls), ``doc_to_target`` / ``doc_to_choice`` as document fields, ``generation_k
   (its built-in models, and ``epic_ext``, return the continuation's mean negative log-likelihood
   per token), the first on ties; ``acc`` = whether that choice is the label.
 * ``limit``: an int keeps the first N documents, a float below 1 the first ceil(N * limit).
+* seeds: every cell starts as ``simple_evaluate`` starts every run, ``random.seed(0)``,
+  ``numpy.random.seed(1234)``, ``torch.manual_seed(1234)``; so a method drawing from the global
+  RNG (``random`` without a ``seed``) gives a cell the same result whichever cells ran before it
+  in the process (a reused grid equals a fresh one) and the lmms harness's result.
 
 Scores: ``{task name: {metric: value}}`` (the YAML's ``task``), as the lmms harness reports them.
 """
@@ -300,7 +304,14 @@ class LocalHarness:
         return {"local": LOCAL_HARNESS_VERSION, "epic_vqa_files": h.hexdigest()[:16]}
 
     def evaluate(self, cell, method_kwargs: dict) -> dict:
+        import random
+
+        import numpy
+        import torch
         self.runner.set_method(cell.method, cell.keep, **method_kwargs)
+        random.seed(0)                  # lmms-eval's simple_evaluate defaults (module docstring)
+        numpy.random.seed(1234)
+        torch.manual_seed(1234)
         out = {"scores": {}, "samples": {}}
         for task in self.tasks:
             docs = limited(task.docs, self.spec.limit)

@@ -159,6 +159,19 @@ def test_multiple_choice_is_the_choice_of_least_loss_per_token(saved, one_thread
     assert result["samples"] == {"epic_vqa_mc": 3}
 
 
+def test_each_cell_starts_from_the_same_rng_state(saved, one_thread):
+    """A cell of the random method draws the same subsets whatever ran before it in the process:
+    the global RNG ends each cell in the same state (it is seeded at the cell's start)."""
+    harness = LocalHarness(_spec(saved, methods=("random",), keeps=(16,), limit=2))
+    cell = Cell("random", 16)
+    first = harness.evaluate(cell, {"layer": 2})
+    after_first = torch.rand(3)
+    torch.rand(100)
+    harness.evaluate(Cell("none"), {})
+    again = harness.evaluate(cell, {"layer": 2})
+    assert torch.equal(torch.rand(3), after_first) and again["scores"] == first["scores"]
+
+
 def test_tasks_by_folder_data_file_yaml_or_name(saved):
     folder = saved / "task"
     named = (str(folder), str(folder / "data.jsonl"), str(folder / "epic_vqa.yaml"))
@@ -224,12 +237,13 @@ def test_write_local_task_scene_options(tmp_path):
 
 def test_local_and_lmms_harnesses_agree(saved, one_thread):
     """The same cells through lmms-eval (simple_evaluate in process) and the local harness: the
-    same scores, and per request the same efficiency record apart from the measured times."""
+    same scores, and per request the same efficiency record apart from the measured times (random
+    too: both seed the global RNG as simple_evaluate does)."""
     pytest.importorskip("lmms_eval")
     pytest.importorskip("lmms_eval.api.model")
     from epic_ext.eval.lmms import LmmsHarness
-    spec = _spec(saved, tasks=("epic_vqa", "epic_vqa_mc"), include_path=str(saved / "task"), batch_size=2,
-                 limit=4)
+    spec = _spec(saved, methods=("dart", "random"), tasks=("epic_vqa", "epic_vqa_mc"),
+                 include_path=str(saved / "task"), batch_size=2, limit=4)
     lmms, local = LmmsHarness(spec), LocalHarness(spec)
     timed = ("prefill_ms", "decode_ms_per_token")
     for cell in spec.cells():
