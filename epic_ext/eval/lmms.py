@@ -7,9 +7,10 @@
 Qwen3-VL). ``method`` / ``keep`` / other keys: :func:`epic_ext.apply`'s method and options
 (``keep``: a count per image / video frame group, or a ratio; ``layer``: the LLM layer that
 drops). Also ``device``, ``dtype``, ``attn_implementation``, ``max_new_tokens`` (when a task sets
-none), ``min_pixels`` / ``max_pixels`` (Qwen-VL's image resize bounds), ``warmup`` (untimed
-batches first; default 1 on a GPU, 0 on a CPU), ``efficiency_json`` (a file for the per-request
-efficiency records).
+none), ``min_pixels`` / ``max_pixels`` (Qwen-VL's image resize bounds), ``max_frames`` (frames
+sampled uniformly from a task's video file, default 32 as lmms-eval's Qwen2.5-VL; Qwen-VL models
+only; :mod:`epic_ext.eval.video`), ``warmup`` (untimed batches first; default 1 on a GPU, 0 on a
+CPU), ``efficiency_json`` (a file for the per-request efficiency records).
 
 Requests run in batches of ``batch_size`` (left padding) through :func:`epic_ext.infer`, which
 prefills and decodes with separate timers and reports per request: visual tokens per layer, KV
@@ -52,7 +53,7 @@ class EpicExt(lmms):
                  dtype: Optional[str] = None, batch_size=1, max_batch_size=None, max_new_tokens: int = 32,
                  attn_implementation: str = "sdpa", efficiency_json: Optional[str] = None,
                  min_pixels: Optional[int] = None, max_pixels: Optional[int] = None, warmup: Optional[int] = None,
-                 **method_options) -> None:
+                 max_frames: int = 32, **method_options) -> None:
         super().__init__()
         if not isinstance(pretrained, str) or not pretrained:
             raise ValueError(f"pretrained: a local checkpoint folder, got {pretrained!r}")
@@ -64,6 +65,9 @@ class EpicExt(lmms):
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: an integer >= 1, got {max_new_tokens!r}")
+        if not isinstance(max_frames, int) or isinstance(max_frames, bool) or max_frames < 1:
+            raise ValueError(f"max_frames: an integer >= 1, got {max_frames!r}")
+        self.max_frames = max_frames
 
         accelerator = Accelerator()
         self.accelerator = accelerator
@@ -130,13 +134,20 @@ class EpicExt(lmms):
         return self.runner.warmup
 
     def _visuals(self, doc_to_visual, task, split, doc_id) -> list:
+        """The document's images (PIL) and videos (file paths, decoded and sampled here)."""
         from PIL import Image
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
-        for v in visuals:
-            if not isinstance(v, Image.Image):
-                raise ValueError(f"doc_to_visual: task {task!r} gives a {type(v).__name__}; the epic_ext model "
-                                 "takes images (PIL) only so far")
-        return [v.convert("RGB") for v in visuals]
+
+        from .video import is_video_path, read_video
+        out = []
+        for v in doc_to_visual(self.task_dict[task][split][doc_id]) or []:
+            if isinstance(v, Image.Image):
+                out.append(v.convert("RGB"))
+            elif is_video_path(v):
+                out.append(read_video(v, self.max_frames))
+            else:
+                raise ValueError(f"doc_to_visual: task {task!r} gives {type(v).__name__} {str(v)[:80]!r}; the "
+                                 "epic_ext model takes images (PIL) and video files")
+        return out
 
     # ------------------------------------------------------------------ generation
     def _gen_options(self, gen_kwargs: dict) -> tuple[dict, list]:

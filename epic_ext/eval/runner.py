@@ -127,32 +127,50 @@ class ReducedModel:
         self.processor.image_processor.size = bounds
 
     # ------------------------------------------------------------------ prompts
-    def prompt(self, context: str, n_images: int) -> str:
-        """One user turn: the images, then the question (harness contexts may carry their own
-        ``<image>`` tags; they are dropped, as lmms-eval's built-in models do)."""
+    def prompt(self, context: str, visuals) -> str:
+        """One user turn: the visuals (a list of PIL images and :class:`~epic_ext.eval.video.Video`
+        clips, in order; or a count of images), then the question (harness contexts may carry
+        their own ``<image>`` tags; they are dropped, as lmms-eval's built-in models do)."""
+        from .video import Video
+        kinds = ["image"] * visuals if isinstance(visuals, int) else [
+            "video" if isinstance(v, Video) else "image" for v in visuals]
         context = context.replace("<image>", "").strip()
         if self.model_type in QWEN_VL_TYPES:
-            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": context}]
+            content = [{"type": k} for k in kinds] + [{"type": "text", "text": context}]
             return self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                       add_generation_prompt=True)
+        if "video" in kinds:
+            raise ValueError(f"visuals: a video for a {self.model_type} model, which takes images only "
+                             "(videos: Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
         # LLaVA-1.5's conversation format (as `epic-ext infer` and the trainer's prompts).
         tag = getattr(self.processor, "image_token", "<image>")
-        return "USER: " + f"{tag}\n" * n_images + f"{context} ASSISTANT:"
+        return "USER: " + f"{tag}\n" * len(kinds) + f"{context} ASSISTANT:"
 
-    def inputs(self, prompts: list, images: list) -> dict:
-        flat = [im.convert("RGB") for row in images for im in row]
-        return dict(self.processor(text=prompts, images=flat or None, padding=True, return_tensors="pt"))
+    def inputs(self, prompts: list, visuals: list) -> dict:
+        """The processor's batch: ``visuals[i]`` (images and videos) for ``prompts[i]``. Video frames
+        go in as they were sampled (no resampling here), at the clip's sampled rate."""
+        from .video import Video
+        images = [v.convert("RGB") for row in visuals for v in row if not isinstance(v, Video)]
+        videos = [v for row in visuals for v in row if isinstance(v, Video)]
+        kwargs = {}
+        if videos:
+            from transformers.video_utils import VideoMetadata
+            kwargs = dict(videos=[v.frames for v in videos], do_sample_frames=False,
+                          video_metadata=[VideoMetadata(total_num_frames=len(v.frames), fps=v.fps,
+                                                        frames_indices=list(range(len(v.frames))))
+                                          for v in videos])
+        return dict(self.processor(text=prompts, images=images or None, padding=True, return_tensors="pt", **kwargs))
 
     # ------------------------------------------------------------------ generation
     def generate(self, contexts: list, images: list, *, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: Optional[int] = None, until=(), meta=None) -> list[str]:
-        """Answer a batch: ``contexts[i]`` (a question) about ``images[i]`` (a list of PIL images,
-        possibly empty). Returns the answers (cut at the first string of ``until``) and appends
+        """Answer a batch: ``contexts[i]`` (a question) about ``images[i]`` (a list of PIL images and
+        :class:`~epic_ext.eval.video.Video` clips, possibly empty). Returns the answers (cut at the first string of ``until``) and appends
         one efficiency record per request to :attr:`records` (``meta[i]``, a dict, is merged in)."""
         if len(contexts) != len(images):
             raise ValueError(f"images: {len(images)} lists for {len(contexts)} contexts")
         options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k)
-        prompts = [self.prompt(c, len(im)) for c, im in zip(contexts, images)]
+        prompts = [self.prompt(c, im) for c, im in zip(contexts, images)]
         answers = []
         for i, result in enumerate(self._run_batch(prompts, images, options)):
             text = self.tokenizer.decode(result["answer_ids"], skip_special_tokens=True)
@@ -215,7 +233,7 @@ class ReducedModel:
         decoding would produce it; also the prompt's and the continuation's token counts. The
         continuation's tokens are appended to the prompt's; text is never dropped, so they are the
         last positions of the reduced sequence."""
-        inputs = self.inputs([self.prompt(context, len(images))], [images])
+        inputs = self.inputs([self.prompt(context, images)], [images])
         cont = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
         if cont.shape[1] == 0:
             raise ValueError(f"continuation: {continuation!r} has no tokens")
