@@ -155,16 +155,36 @@ def model_fingerprint(folder) -> str:
     return h.hexdigest()[:16]
 
 
-def cell_key(spec: GridSpec, cell: Cell, harness_version: dict) -> dict:
-    """What determines ``cell``'s result: a finished cell with the same key is reused."""
+def files_fingerprint(paths) -> str:
+    """A digest of the names, sizes and modification times of the files at or under ``paths``
+    (those that exist): a task folder rewritten in place gets new cells."""
+    h = hashlib.sha256()
+    for root in paths:
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        for path in files:
+            st = path.stat()
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def cell_key(spec: GridSpec, cell: Cell, harness_version: dict, fingerprints: dict) -> dict:
+    """What determines ``cell``'s result: a finished cell with the same key is reused.
+    ``fingerprints``: the model's and the task files' (:func:`grid_fingerprints`)."""
     import epic_ext
     return {"grid_version": GRID_VERSION, "epic_ext": getattr(epic_ext, "__version__", "?"),
             "harness": spec.harness, "harness_version": harness_version,
-            "model": str(Path(spec.model).resolve()), "model_fingerprint": model_fingerprint(spec.model),
+            "model": str(Path(spec.model).resolve()), **fingerprints,
             "tasks": list(spec.tasks), "limit": spec.limit, "include_path": spec.include_path,
             "batch_size": spec.batch_size, "device": spec.device, "dtype": spec.dtype,
             "max_new_tokens": spec.max_new_tokens, "model_args": spec.model_args,
             "method": cell.method, "keep": cell.keep, "options": spec.method_kwargs(cell)}
+
+
+def grid_fingerprints(spec: GridSpec) -> dict:
+    """The model folder's and the local task files' (``include_path``, tasks given as paths)."""
+    local = [p for p in (spec.include_path, *spec.tasks) if p and os.path.exists(p)]
+    return {"model_fingerprint": model_fingerprint(spec.model), "task_files_fingerprint": files_fingerprint(local)}
 
 
 def harness_class(spec: GridSpec):
@@ -225,7 +245,8 @@ def run_grid(spec: GridSpec, out, *, rerun: bool = False, progress: bool = True,
         cells_dir.mkdir(parents=True, exist_ok=True)
     # The model is loaded only when a cell is left to run (version() is a static method).
     version = (harness if harness is not None else harness_class(spec)).version()
-    keys = {c: cell_key(spec, c, version) for c in spec.cells()}
+    fingerprints = grid_fingerprints(spec)
+    keys = {c: cell_key(spec, c, version, fingerprints) for c in spec.cells()}
     done = {}
     for cell, key in keys.items():
         path = cells_dir / f"{cell.slug}.json"

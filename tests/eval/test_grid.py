@@ -112,22 +112,27 @@ def test_finished_cells_are_reused_and_only_new_cells_run(model_dir, tmp_path):
     assert len(rerun.calls) == 5
 
 
-@pytest.mark.parametrize("change", ["limit", "layer", "tasks", "batch_size", "retrained", "damaged"])
+@pytest.mark.parametrize("change", ["limit", "layer", "tasks", "batch_size", "retrained", "damaged", "task_files"])
 def test_a_changed_setting_reruns_the_cells_it_changes(model_dir, tmp_path, change):
     out = tmp_path / "out"
     quiet = dict(progress=False, log=lambda *_: None)
-    run_grid(_spec(model_dir), out, harness=StandInHarness(), **quiet)
-    spec = _spec(model_dir)
+    tasks = tmp_path / "tasks"
+    (tasks / "task_a").mkdir(parents=True)
+    (tasks / "task_a" / "data.jsonl").write_text('{"q": 1}\n')
+    run_grid(_spec(model_dir, include_path=str(tasks)), out, harness=StandInHarness(), **quiet)
+    spec = _spec(model_dir, include_path=str(tasks))
     expected = 5
     if change == "limit":
-        spec = _spec(model_dir, limit=2)
+        spec = _spec(model_dir, include_path=str(tasks), limit=2)
     elif change == "layer":
-        spec = _spec(model_dir, layer=3)
+        spec = _spec(model_dir, include_path=str(tasks), layer=3)
         expected = 4                  # the baseline has no layer
     elif change == "tasks":
-        spec = _spec(model_dir, tasks=("task_a",))
+        spec = _spec(model_dir, include_path=str(tasks), tasks=("task_a",))
     elif change == "batch_size":
-        spec = _spec(model_dir, batch_size=2)
+        spec = _spec(model_dir, include_path=str(tasks), batch_size=2)
+    elif change == "task_files":      # the task's data rewritten in place
+        (tasks / "task_a" / "data.jsonl").write_text('{"q": 2}\n{"q": 3}\n')
     elif change == "retrained":
         weights = model_dir / "model.safetensors"
         st = weights.stat()
