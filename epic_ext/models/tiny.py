@@ -141,6 +141,21 @@ def load_processor(path: str, backend: Optional[str] = "pil"):
     return processor
 
 
+def save_tiny_llava(folder, spec: TinyLlavaSpec | str = "tiny", *, seed: int = 0) -> str:
+    """Write a tiny LLaVA and its processor (the trainer's tokenizer and CLIP image processor) to
+    ``folder``, loadable offline by :func:`epic_ext.models.loading.load_model` / ``load_processor``."""
+    import os
+
+    from ..train.data import llava_processor
+    from ..train.tokenizer import build_tokenizer
+    folder = os.fspath(folder)
+    model = build_tiny_llava(spec, seed=seed)
+    model.save_pretrained(folder)
+    llava_processor(model.config, build_tokenizer(model.config.text_config.vocab_size),
+                    model.config.vision_config.image_size).save_pretrained(folder)
+    return folder
+
+
 def random_prompts(model, batch: int, *, text_before=5, text_after=12, pad_to: int | None = None, seed: int = 0,
                    device="cpu"):
     """Token ids [B, L] with one image span per row and left padding up to ``pad_to``; rows get

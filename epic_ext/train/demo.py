@@ -28,8 +28,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 BUDGETS = (576, 192, 128, 64, 36)
 METHODS = ("dart", "fastv", "random")
 # Row order of the tables. "tcd-official" is TCD with the released code's preset.

@@ -7,7 +7,6 @@ Skipped where lmms-eval is not installed (the project's .venv). The entry point 
 throw-away ``*.dist-info`` folder on PYTHONPATH (what ``pip install`` of epic-ext with the entry
 point would write), so nothing is installed into the environment.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,6 +19,7 @@ pytest.importorskip("lmms_eval")
 pytest.importorskip("lmms_eval.api.model")
 
 import torch  # noqa: E402
+from _eval_shared import task_docs, task_hooks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,14 +31,9 @@ def saved(tmp_path_factory):
     from epic_ext.eval import write_local_task
     from epic_ext.models import tiny
     from epic_ext.models.tiny_qwen import save_tiny_qwen
-    from epic_ext.train.data import llava_processor
-    from epic_ext.train.tokenizer import build_tokenizer
 
     root = tmp_path_factory.mktemp("lmms")
-    llava = tiny.build_tiny_llava("tiny")
-    llava.save_pretrained(root / "llava")
-    llava_processor(llava.config, build_tokenizer(llava.config.text_config.vocab_size),
-                    llava.config.vision_config.image_size).save_pretrained(root / "llava")
+    tiny.save_tiny_llava(root / "llava")
     for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         save_tiny_qwen(family, root / family)
     write_local_task(root / "task", n=6)
@@ -59,21 +54,12 @@ def _env(root: Path, *, entry: bool = True) -> dict:
 
 
 def _docs(root: Path) -> list:
-    with open(root / "task" / "data.jsonl") as f:
-        return [json.loads(line) for line in f]
-
-
-def _task_hooks():
-    path = REPO / "epic_ext" / "eval" / "tasks" / "epic_vqa" / "utils.py"
-    spec = importlib.util.spec_from_file_location("epic_vqa_utils", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return task_docs(root / "task")
 
 
 def _requests(root: Path, kind: str, **gen_kwargs):
     from lmms_eval.api.instance import Instance
-    hooks, docs = _task_hooks(), _docs(root)
+    hooks, docs = task_hooks(), _docs(root)
     out = []
     for i, doc in enumerate(docs):
         text = hooks.doc_to_text(doc)

@@ -6,7 +6,6 @@ package's entry point as a stock lmms-eval sees it.
 
 Skipped where lmms-eval is not installed (`make test-eval` installs it).
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,22 +17,14 @@ import pytest
 pytest.importorskip("lmms_eval")
 pytest.importorskip("lmms_eval.api.model")
 
+from _eval_shared import task_docs, task_hooks  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 GEN = dict(max_new_tokens=8, until=["\n"])        # the shipped task YAML's generation_kwargs
 N_DOCS = 6
 
 
-def _hooks():
-    path = REPO / "epic_ext" / "eval" / "tasks" / "epic_vqa" / "utils.py"
-    spec = importlib.util.spec_from_file_location("epic_vqa_utils_grid", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _docs(task: Path) -> list:
-    with open(task / "data.jsonl") as f:
-        return [json.loads(line) for line in f]
+_hooks, _docs = task_hooks, task_docs
 
 
 def _ask(runner, docs, hooks) -> list:
@@ -49,14 +40,9 @@ def saved(tmp_path_factory):
     from epic_ext.eval.runner import ReducedModel
     from epic_ext.models import tiny
     from epic_ext.models.tiny_qwen import save_tiny_qwen
-    from epic_ext.train.data import llava_processor
-    from epic_ext.train.tokenizer import build_tokenizer
 
     root = tmp_path_factory.mktemp("lmms_grid")
-    llava = tiny.build_tiny_llava("tiny")
-    llava.save_pretrained(root / "llava")
-    llava_processor(llava.config, build_tokenizer(llava.config.text_config.vocab_size),
-                    llava.config.vision_config.image_size).save_pretrained(root / "llava")
+    tiny.save_tiny_llava(root / "llava")
     save_tiny_qwen("qwen2_5_vl", root / "qwen2_5_vl")
     task = write_local_task(root / "task", n=N_DOCS)
     docs = _docs(task)

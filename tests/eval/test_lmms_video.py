@@ -45,14 +45,9 @@ def video_file(tmp_path_factory) -> Path:
 def saved(tmp_path_factory):
     from epic_ext.models import tiny
     from epic_ext.models.tiny_qwen import save_tiny_qwen
-    from epic_ext.train.data import llava_processor
-    from epic_ext.train.tokenizer import build_tokenizer
     root = tmp_path_factory.mktemp("video_models")
     save_tiny_qwen("qwen2_5_vl", root / "qwen2_5_vl")
-    llava = tiny.build_tiny_llava("tiny")
-    llava.save_pretrained(root / "llava")
-    llava_processor(llava.config, build_tokenizer(llava.config.text_config.vocab_size),
-                    llava.config.vision_config.image_size).save_pretrained(root / "llava")
+    tiny.save_tiny_llava(root / "llava")
     return root
 
 

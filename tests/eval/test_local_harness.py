@@ -27,14 +27,9 @@ def saved(tmp_path_factory):
     changed), so that exact match scores more than 0."""
     from epic_ext.models import tiny
     from epic_ext.models.tiny_qwen import save_tiny_qwen
-    from epic_ext.train.data import llava_processor
-    from epic_ext.train.tokenizer import build_tokenizer
 
     root = tmp_path_factory.mktemp("local")
-    llava = tiny.build_tiny_llava("tiny")
-    llava.save_pretrained(root / "llava")
-    llava_processor(llava.config, build_tokenizer(llava.config.text_config.vocab_size),
-                    llava.config.vision_config.image_size).save_pretrained(root / "llava")
+    tiny.save_tiny_llava(root / "llava")
     save_tiny_qwen("qwen2_vl", root / "qwen2_vl")
     write_local_task(root / "task", n=N_DOCS, seed=3)
     docs = _docs(root)

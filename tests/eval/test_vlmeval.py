@@ -43,14 +43,9 @@ def saved(tmp_path_factory, shim):
     """Tiny LLaVA and Qwen2.5-VL checkpoints and the synthetic task as LMUData/epic_vqa.tsv."""
     from epic_ext.models import tiny
     from epic_ext.models.tiny_qwen import save_tiny_qwen
-    from epic_ext.train.data import llava_processor
-    from epic_ext.train.tokenizer import build_tokenizer
 
     root = tmp_path_factory.mktemp("vlmeval")
-    llava = tiny.build_tiny_llava("tiny")
-    llava.save_pretrained(root / "llava")
-    llava_processor(llava.config, build_tokenizer(llava.config.text_config.vocab_size),
-                    llava.config.vision_config.image_size).save_pretrained(root / "llava")
+    tiny.save_tiny_llava(root / "llava")
     save_tiny_qwen("qwen2_5_vl", root / "qwen2_5_vl")
     shim.write_vlmeval_task(root / "LMUData", n=5)
     return root

@@ -92,14 +92,9 @@ def main() -> None:
     from epic_ext.eval.runner import ReducedModel
     from epic_ext.models import tiny
     from epic_ext.models.tiny_qwen import save_tiny_qwen
-    from epic_ext.train.data import llava_processor
-    from epic_ext.train.tokenizer import build_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="vlmeval_real_check_"))
-    llava = tiny.build_tiny_llava("tiny")
-    llava.save_pretrained(root / "llava")
-    llava_processor(llava.config, build_tokenizer(llava.config.text_config.vocab_size),
-                    llava.config.vision_config.image_size).save_pretrained(root / "llava")
+    tiny.save_tiny_llava(root / "llava")
     save_tiny_qwen("qwen2_5_vl", root / "qwen2_5_vl")
 
     import epic_ext.eval.vlmeval as shim
