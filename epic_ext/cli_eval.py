@@ -42,6 +42,9 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
     p.add_argument("--min-pixels", type=int, default=None, help="Qwen-VL: smallest image area after resizing")
     p.add_argument("--max-pixels", type=int, default=None, help="Qwen-VL: largest image area after resizing")
+    p.add_argument("--model-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="another argument of the harness's model (repeatable): warmup, max_frames (lmms), "
+                        "judge / judge_args (vlmeval), ...")
     p.add_argument("--no-baseline", action="store_true", help="leave out the unreduced model's cell")
     p.add_argument("--rerun", action="store_true", help="evaluate cells already finished in --out again")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -88,6 +91,11 @@ def spec_from_args(args: argparse.Namespace):
             raise ValueError(f"--option: expected NAME=VALUE, got {item!r}")
         options[name.strip()] = _parse_value(value.strip())
     model_args = {"attn_implementation": args.attn}
+    for item in args.model_arg:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--model-arg: expected NAME=VALUE, got {item!r}")
+        model_args[name.strip()] = _parse_value(value.strip())
     for name in ("min_pixels", "max_pixels"):
         if getattr(args, name) is not None:
             model_args[name] = getattr(args, name)

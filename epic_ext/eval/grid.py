@@ -200,9 +200,11 @@ def harness_class(spec: GridSpec):
                              spec.harness, "")) from None
 
 
-def load_harness(spec: GridSpec):
-    """A harness object for ``spec`` (it loads the model)."""
-    return harness_class(spec)(spec)
+def load_harness(spec: GridSpec, out=None):
+    """A harness object for ``spec`` (it loads the model). ``out``: the grid's folder (VLMEvalKit's
+    prediction files go to ``out/vlmeval``)."""
+    kwargs = {"work_dir": Path(out) / "vlmeval"} if spec.harness == "vlmeval" and out is not None else {}
+    return harness_class(spec)(spec, **kwargs)
 
 
 def _rank() -> int:
@@ -261,12 +263,12 @@ def run_grid(spec: GridSpec, out, *, rerun: bool = False, progress: bool = True,
     if _world_size() > 1:
         # Several processes: the harness joins their group (the model loads even with nothing left
         # to run), then every rank runs rank 0's list.
-        harness = harness if harness is not None else load_harness(spec)
+        harness = harness if harness is not None else load_harness(spec, out)
         todo = _agree(todo, list(keys))
     if main and done:
         log(f"[eval] reusing {len(done)} finished cell(s) in {cells_dir}: {', '.join(c.name for c in done)}")
     if todo and harness is None:
-        harness = load_harness(spec)
+        harness = load_harness(spec, out)
     bar = tqdm(total=len(keys), initial=len(done), desc="eval grid", unit="cell", disable=not (progress and main))
     for cell in todo:
         bar.set_postfix_str(cell.name)

@@ -211,6 +211,7 @@ def _cli(capsys, *argv):
     (["--methods", "dart", "--keep", "64", "--tasks", "t", "--option", "pivots"], "--option: expected NAME=VALUE"),
     (["--methods", "dart", "--keep", "64", "--tasks", "t", "--option", "pivots=4"],
      "--option: 'pivots' is an option of none of dart"),
+    (["--methods", "dart", "--keep", "64", "--tasks", "t", "--model-arg", "warmup"], "--model-arg: expected NAME=VALUE"),
     (["--methods", "dart", "--keep", "64", "--tasks", "t", "--limit", "0"], "--limit: a positive count"),
     (["--methods", "dart", "--keep", "64", "--tasks", "t", "--batch-size", "0"], "--batch-size: an integer >= 1"),
     (["--methods", "dart", "--keep", "64", "--tasks", "t", "--include-path", "/nonexistent"],
@@ -222,6 +223,22 @@ def test_cli_errors_are_one_line_with_status_2(capsys, model_dir, argv, message)
     rc, line = _cli(capsys, *argv, "--harness", "local")
     assert rc == 2
     assert line.startswith("epic-ext eval: error: ") and message in line, line
+
+
+def test_cli_builds_the_spec(model_dir, monkeypatch):
+    from epic_ext.cli import build_parser
+    from epic_ext.cli_eval import spec_from_args
+    monkeypatch.setattr(grid, "harness_class", lambda spec: StandInHarness)
+    args = build_parser().parse_args(
+        ["eval", "--model", str(model_dir), "--methods", "dart,fastv", "--keep", "64, 0.25", "--tasks", "a,b",
+         "--harness", "local", "--layer", "3", "--option", "pivot_image=2", "--limit", "0.5", "--max-pixels", "50176",
+         "--model-arg", "warmup=0", "--model-arg", "judge_args={'nproc': 4}", "--no-baseline", "--batch-size", "3"])
+    spec = spec_from_args(args)
+    assert (spec.methods, spec.keeps, spec.tasks, spec.layer, spec.limit, spec.batch_size) == (
+        ("dart", "fastv"), (64, 0.25), ("a", "b"), 3, 0.5, 3)
+    assert spec.method_options == {"pivot_image": 2} and not spec.baseline
+    assert spec.model_args == {"attn_implementation": "sdpa", "max_pixels": 50176, "warmup": 0,
+                               "judge_args": {"nproc": 4}}
 
 
 def test_cli_names_a_missing_harness_package(capsys, model_dir, monkeypatch):
