@@ -140,5 +140,21 @@ def _eval(args: argparse.Namespace) -> int:
     _note("eval", f"{len(spec.cells())} cells ({'baseline + ' if spec.baseline else ''}"
                   f"{len(spec.methods)} methods x {len(spec.keeps)} budgets) on {', '.join(spec.tasks)} "
                   f"through {spec.harness}; results in {args.out}")
-    run_grid(spec, args.out, rerun=args.rerun, progress=not args.quiet)
+    try:
+        run_grid(spec, args.out, rerun=args.rerun, progress=not args.quiet)
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Several processes: end the group the harness joined before the interpreter exits (a gloo
+    group still up at exit can abort a rank: "terminate called without an active exception")."""
+    import sys
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()            # rank 0 may still be writing the report
+        dist.destroy_process_group()
