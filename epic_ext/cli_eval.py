@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_infer import _note, _parse_value, _split_list
+from .cli_infer import _note, _parse_value, _split_list, parse_pairs
 
 
 def _configure_eval(p: argparse.ArgumentParser) -> None:
@@ -84,18 +84,8 @@ def spec_from_args(args: argparse.Namespace):
     if not os.path.isdir(args.model):
         raise ValueError(f"--model: {args.model} is not a folder (a local checkpoint: model + processor)")
     check_model_type(args.model)
-    options = {}
-    for item in args.option:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--option: expected NAME=VALUE, got {item!r}")
-        options[name.strip()] = _parse_value(value.strip())
-    model_args = {"attn_implementation": args.attn}
-    for item in args.model_arg:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--model-arg: expected NAME=VALUE, got {item!r}")
-        model_args[name.strip()] = _parse_value(value.strip())
+    options = parse_pairs(args.option, "--option")
+    model_args = {"attn_implementation": args.attn, **parse_pairs(args.model_arg, "--model-arg")}
     for name in ("min_pixels", "max_pixels"):
         if getattr(args, name) is not None:
             model_args[name] = getattr(args, name)

@@ -63,6 +63,18 @@ def _parse_value(text: str):
         return text
 
 
+def parse_pairs(items: list, flag: str) -> dict:
+    """Repeated ``NAME=VALUE`` arguments of ``flag`` as a dict (values read as Python literals
+    where they are one, else kept as strings); ValueError naming ``flag`` otherwise."""
+    out = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise ValueError(f"{flag}: expected NAME=VALUE, got {item!r}")
+        out[name.strip()] = _parse_value(value.strip())
+    return out
+
+
 def _note(command: str, text: str) -> None:
     """Progress and defaults go to stderr, so --json output stays one JSON document."""
     print(f"epic-ext {command}: {text}", file=sys.stderr, flush=True)
@@ -216,12 +228,7 @@ def _check_infer_args(args: argparse.Namespace) -> tuple[dict, object]:
         if args.video:
             raise ValueError("--video: only Qwen-VL checkpoints (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) take a video")
         pair_requests(args.image, args.prompt, random_images=args.model in PRESET_NAMES)
-    options = {}
-    for kv in args.option:
-        name, eq, value = kv.partition("=")
-        if not eq or not name.strip():
-            raise ValueError(f"--option: expected NAME=VALUE, got {kv!r}")
-        options[name.strip()] = _parse_value(value)
+    options = parse_pairs(args.option, "--option")
     if "scorer" in options:
         raise ValueError("--option scorer: TRIM's scorer is loaded from --clip PATH (a local CLIP "
                          "checkpoint folder)")

@@ -92,6 +92,13 @@ def _eos_ids(model, eos_token_id) -> list[int]:
     return [int(e) for e in eos_token_id] if isinstance(eos_token_id, (list, tuple)) else [int(eos_token_id)]
 
 
+def answer_ids(row: torch.Tensor, eos: list) -> list[int]:
+    """A generated row's token ids up to (not including) its first end-of-sequence token."""
+    ids = row.tolist()
+    stop = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+    return ids[:stop]
+
+
 @torch.no_grad()
 def generate_timed(model, input_ids, pixel_values, attention_mask=None, *, media: Optional[dict] = None,
                    max_new_tokens: int = 16, do_sample: bool = False, temperature: float = 1.0,
@@ -221,9 +228,7 @@ def infer(model, inputs: dict, *, method: Optional[str] = None, keep=None, proce
     bytes_per = torch.finfo(model.dtype).bits // 8
     reports = []
     for b, units in enumerate(rows):
-        ids = new_ids[b].tolist()
-        stop = [i for i, t in enumerate(ids) if t in eos]
-        ids = ids[: stop[0]] if stop else ids
+        ids = answer_ids(new_ids[b], eos)
         visual = sum(u.tokens for u in units)
         text = int(real[b]) - visual
         kept_visual = int(kept_real[b]) - text if cached is not None else visual

@@ -41,7 +41,7 @@ from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from .runner import ReducedModel
+from .runner import ReducedModel, generation_options
 
 
 class EpicExt(lmms):
@@ -150,20 +150,6 @@ class EpicExt(lmms):
         return out
 
     # ------------------------------------------------------------------ generation
-    def _gen_options(self, gen_kwargs: dict) -> tuple[dict, list]:
-        gen_kwargs = dict(gen_kwargs or {})
-        until = gen_kwargs.pop("until", None) or []
-        if isinstance(until, str):
-            until = [until]
-        if not isinstance(until, list):
-            raise ValueError(f"gen_kwargs: 'until' must be a string or a list, got {type(until).__name__}")
-        temperature = float(gen_kwargs.get("temperature") or 0.0)
-        do_sample = bool(gen_kwargs.get("do_sample", False)) or temperature > 0
-        options = dict(max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
-                       do_sample=do_sample, temperature=temperature if do_sample else 1.0,
-                       top_k=gen_kwargs.get("top_k"))
-        return options, [u for u in until if u]
-
     def _log(self, record: dict) -> None:
         """The request's efficiency into lmms-eval's throughput log (results JSON ``throughput``)."""
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
@@ -194,7 +180,7 @@ class EpicExt(lmms):
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="epic_ext responding")
         for chunk in order.get_batched(n=self.batch_size, batch_fn=None):
             contexts, gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
-            options, until = self._gen_options(gen_kwargs[0])
+            options, until = generation_options(gen_kwargs[0], self.max_new_tokens)
             images = [self._visuals(f, t, s, d) for f, t, s, d in zip(doc_to_visual, tasks, splits, doc_ids)]
             meta = [dict(task=t, doc_id=d) for t, d in zip(tasks, doc_ids)]
             answers = self.runner.generate(list(contexts), images, until=until, meta=meta, **options)

@@ -264,19 +264,6 @@ def limited(docs: list, limit) -> list:
     return docs[:n]
 
 
-def generation_options(gen_kwargs: dict, default_max_new_tokens: int) -> tuple[dict, list]:
-    """A task's ``generation_kwargs`` as :meth:`ReducedModel.generate` arguments (the ``epic_ext``
-    lmms-eval model's reading: temperature 0 is greedy)."""
-    gen_kwargs = dict(gen_kwargs or {})
-    until = gen_kwargs.pop("until", None) or []
-    until = [until] if isinstance(until, str) else list(until)
-    temperature = float(gen_kwargs.get("temperature") or 0.0)
-    do_sample = bool(gen_kwargs.get("do_sample", False)) or temperature > 0
-    options = dict(max_new_tokens=int(gen_kwargs.get("max_new_tokens") or default_max_new_tokens),
-                   do_sample=do_sample, temperature=temperature if do_sample else 1.0, top_k=gen_kwargs.get("top_k"))
-    return options, [u for u in until if u]
-
-
 # ----------------------------------------------------------------------------- harness
 
 class LocalHarness:
@@ -323,6 +310,7 @@ class LocalHarness:
 
     def predictions(self, task: LocalTask, docs: list) -> list:
         """The generated answers of ``docs`` (document order), batched as lmms-eval batches them."""
+        from .runner import generation_options
         options, until = generation_options(task.config.get("generation_kwargs"), self.spec.max_new_tokens)
         contexts = [task.text(doc) for doc in docs]
         encode = self.runner.tokenizer.encode

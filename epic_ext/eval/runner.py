@@ -34,6 +34,23 @@ def keep_value(keep):
     raise TypeError(f"keep: expected a count, a ratio or None, got {keep!r}")
 
 
+def generation_options(gen_kwargs: Optional[dict], default_max_new_tokens: int) -> tuple[dict, list]:
+    """A task's generation kwargs (lmms-eval's ``generation_kwargs``) as :meth:`ReducedModel.generate`
+    arguments and the ``until`` strings: temperature 0 (or none) is greedy, as lmms-eval's built-in
+    models read it; ``max_new_tokens`` falls back to ``default_max_new_tokens``."""
+    gen_kwargs = dict(gen_kwargs or {})
+    until = gen_kwargs.pop("until", None) or []
+    if isinstance(until, str):
+        until = [until]
+    if not isinstance(until, (list, tuple)):
+        raise ValueError(f"gen_kwargs: 'until' must be a string or a list, got {type(until).__name__}")
+    temperature = float(gen_kwargs.get("temperature") or 0.0)
+    do_sample = bool(gen_kwargs.get("do_sample", False)) or temperature > 0
+    options = dict(max_new_tokens=int(gen_kwargs.get("max_new_tokens") or default_max_new_tokens),
+                   do_sample=do_sample, temperature=temperature if do_sample else 1.0, top_k=gen_kwargs.get("top_k"))
+    return options, [u for u in until if u]
+
+
 def efficiency_summary(records: list) -> dict:
     """Means over requests of the efficiency record (visual tokens per layer included); {} for
     no records."""
@@ -204,7 +221,7 @@ class ReducedModel:
     def _run_text_batch(self, inputs: dict, options: dict) -> list[dict]:
         """A batch without images (infer needs one): the same timed loop, no visual tokens."""
         from ..cost import request_cost
-        from ..inference import _eos_ids, generate_timed
+        from ..inference import _eos_ids, answer_ids, generate_timed
         ids = inputs["input_ids"].to(self.device)
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
@@ -214,9 +231,7 @@ class ReducedModel:
         bytes_per = torch.finfo(self.model.dtype).bits // 8
         out = []
         for b in range(ids.shape[0]):
-            answer = new_ids[b].tolist()
-            stop = [i for i, t in enumerate(answer) if t in eos]
-            answer = answer[: stop[0]] if stop else answer
+            answer = answer_ids(new_ids[b], eos)
             text = int(mask[b].sum())
             cost = request_cost(self.model.config, text, [], layers - 1, bytes_per_element=bytes_per,
                                 new_tokens=len(answer))
